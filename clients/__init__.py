@@ -1,0 +1,1 @@
+"""Client logic (local split training) and device entry points."""

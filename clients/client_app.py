@@ -1,0 +1,100 @@
+"""The fedsplit ClientApp: one Flower train message = one client's whole local round.
+
+The message carries the global client segment, the resolved run config, the split
+channel's address and this client's token and seed. The client loads its data
+partition, trains against the channel, and replies with its segment and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.trainer import Cursor, schedule, train_local
+from fedsplit.channel import SplitChannelClient
+from fedsplit.config import load_config
+from fedsplit.optim import make_optimizer
+from fedsplit.task import Task
+from strategies.splitfed import (
+    KEY_ADDRESS,
+    KEY_ROUND,
+    KEY_RUN_CONFIG,
+    KEY_SEED,
+    KEY_TOKEN,
+)
+
+CURSOR_KEY = "fedsplit-cursor"  # in context.state: where this node's data stream is
+
+app = ClientApp()
+
+
+def partition_of(context: Context) -> tuple[int, int]:
+    """(partition id, number of partitions) from the node config."""
+    node = context.node_config
+    try:
+        return int(node["partition-id"]), int(node["num-partitions"])
+    except KeyError:
+        raise KeyError(
+            "node config needs `partition-id` and `num-partitions` (the simulation sets "
+            "them; for a real SuperNode pass --node-config \"partition-id=0 num-partitions=2\")"
+        ) from None
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    cfg = load_config(overrides=json.loads(str(config[KEY_RUN_CONFIG])))
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
+    pid, num_partitions = partition_of(context)
+    server_round = int(config[KEY_ROUND])
+    start = time.perf_counter()
+
+    task = Task(cfg)
+    train_set, _ = task.datasets()
+    part = task.partition(train_set, pid, num_partitions)
+    split = task.split(pretrained=False)
+    segment = split.client
+    segment.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+
+    state = context.state.config_records.get(CURSOR_KEY, ConfigRecord({"epoch": 0, "offset": 0}))
+    cursor = Cursor(int(state["epoch"]), int(state["offset"]))
+    index_batches, cursor = schedule(len(part), cfg.train.batch_size, cfg.train.local_steps,
+                                     cfg.train.local_epochs, cursor,
+                                     seed=cfg.run.seed * 1_000_003 + pid)
+    context.state.config_records[CURSOR_KEY] = ConfigRecord(
+        {"epoch": cursor.epoch, "offset": cursor.offset})
+    flat = [int(i) for b in index_batches for i in b]
+    loader = task.loader(part.select(flat), cfg.train.batch_size, shuffle=False)
+    setup_seconds = time.perf_counter() - start
+
+    optimizer = make_optimizer(segment.parameters(), cfg.train)
+    channel = SplitChannelClient(str(config[KEY_ADDRESS]), str(config[KEY_TOKEN]),
+                                 int(config[KEY_SEED]),
+                                 max_message_mb=cfg.channel.max_message_mb)
+    progress = None
+    if cfg.run.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(index_batches), desc=f"client {pid} round {server_round}",
+                        mininterval=10, leave=False)
+    try:
+        result = train_local(segment, loader, channel, optimizer, progress)
+    finally:
+        channel.close()
+        if progress is not None:
+            progress.close()
+
+    metrics = result.metrics()
+    metrics.update({
+        "cut-bytes-up": channel.bytes_up,
+        "cut-bytes-down": channel.bytes_down,
+        "client-setup-seconds": setup_seconds,
+    })
+    content = RecordDict({"arrays": ArrayRecord(segment.state_dict()),
+                          "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)

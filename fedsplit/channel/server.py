@@ -1,0 +1,248 @@
+"""The split channel: a gRPC service in the ServerApp process for per-batch tensors.
+
+Flower messages carry orchestration (one per client per round); this channel carries
+the per-batch traffic over one persistent HTTP/2 connection per client. Each round the
+server issues every sampled client a random *token* (and a codec seed) that travels
+inside that client's Flower train message; the channel admits a request only with a
+token of the current round, before its deadline, and only for the next expected step.
+
+Payloads are raw bytes in the :mod:`fedsplit.channel.wire` framing (no protobuf code
+generation: gRPC's generic handlers pass bytes through), and the channel counts
+``len(request)`` and ``len(response)`` of every accepted call per client, per direction,
+per round.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+
+from fedsplit.channel import wire
+from fedsplit.channel.wire import Kind, WireError
+from fedsplit.codecs import Codec, CodecContext, CodecError, build_codec
+from fedsplit.server.trainer import BadStepError, ServerTrainer
+
+log = logging.getLogger(__name__)
+
+SERVICE = "fedsplit.SplitChannel"
+STEP_METHOD = f"/{SERVICE}/Step"
+FINISH_METHOD = f"/{SERVICE}/Finish"
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """What a client needs to use the channel this round (sent in its Flower message)."""
+
+    token: str
+    seed: int
+
+
+@dataclass
+class Traffic:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    steps: int = 0
+    examples: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    finished: bool = False
+
+
+@dataclass
+class _Session:
+    client: str
+    server_round: int
+    seed: int
+    expires: float
+    up: Codec
+    down: Codec
+    traffic: Traffic = field(default_factory=Traffic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    open: bool = True
+
+
+class _Reject(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SplitChannelServer:
+    """Serves the split channel for one run; one :class:`ServerTrainer` behind it."""
+
+    def __init__(self, trainer: ServerTrainer, channel_cfg: Any, codec_up: Any = "identity",
+                 codec_down: Any = "identity",
+                 credentials: grpc.ServerCredentials | None = None) -> None:
+        self.trainer = trainer
+        self.cfg = channel_cfg
+        self.codec_specs = (codec_up, codec_down)
+        self.credentials = credentials
+        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()
+        self._server: grpc.Server | None = None
+        self.address = ""
+        self.rejected = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> str:
+        limit = self.cfg.max_message_mb * 1024 * 1024
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.cfg.workers,
+                                       thread_name_prefix="split-channel"),
+            options=[("grpc.max_receive_message_length", limit),
+                     ("grpc.max_send_message_length", limit),
+                     ("grpc.so_reuseport", 0)],
+        )
+        handlers = {
+            "Step": grpc.unary_unary_rpc_method_handler(self._handle_step),
+            "Finish": grpc.unary_unary_rpc_method_handler(self._handle_finish),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        bind = f"{self.cfg.host}:{self.cfg.port}"
+        if self.credentials is not None:
+            port = server.add_secure_port(bind, self.credentials)
+        else:
+            port = server.add_insecure_port(bind)
+        if port == 0:
+            raise OSError(f"split channel could not bind {bind}; set channel.port to a free port")
+        server.start()
+        self._server = server
+        host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "::", "") else self.cfg.host
+        self.address = self.cfg.address or f"{host}:{port}"
+        log.info("split channel listening on %s:%d (clients dial %s)", self.cfg.host, port,
+                 self.address)
+        return self.address
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+
+    def __enter__(self) -> SplitChannelServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ rounds
+    def open_round(self, server_round: int, clients: list[str], timeout: float,
+                   codecs: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Ticket]:
+        """Issue fresh tokens for ``clients``; tokens of earlier rounds stop working."""
+        expires = time.monotonic() + timeout
+        tickets = {}
+        with self._lock:
+            for sess in self._sessions.values():
+                sess.open = False
+            self._sessions = {}
+            for client in clients:
+                token, seed = secrets.token_urlsafe(24), secrets.randbits(63)
+                up, down = (codecs or {}).get(client, self.codec_specs)
+                self._sessions[token] = _Session(client, server_round, seed, expires,
+                                                 build_codec(up), build_codec(down))
+                tickets[client] = Ticket(token, seed)
+        return tickets
+
+    def close_round(self) -> dict[str, Traffic]:
+        """Expire this round's tokens; discard unfinished clients; return traffic."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+            for sess in sessions:
+                sess.open = False
+        traffic = {}
+        for sess in sessions:
+            with sess.lock:  # wait for an in-flight step of this client
+                if not sess.traffic.finished:
+                    self.trainer.discard(sess.client)
+                traffic[sess.client] = sess.traffic
+        return traffic
+
+    # ------------------------------------------------------------------ handlers
+    def _session(self, fields: dict[str, bytes]) -> _Session:
+        wire.require(fields, "token")
+        token = fields["token"].decode("ascii", errors="replace")
+        with self._lock:
+            sess = self._sessions.get(token)
+        if sess is None:
+            raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
+                          "unknown or expired split-channel token: use the token from this "
+                          "round's Flower message")
+        if not sess.open or time.monotonic() > sess.expires:
+            raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
+                          f"token of round {sess.server_round} has expired")
+        return sess
+
+    def _guard(self, fn: Any, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            return fn(request)
+        except _Reject as exc:
+            self.rejected += 1
+            context.abort(exc.code, str(exc))
+        except (WireError, CodecError, BadStepError) as exc:
+            self.rejected += 1
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}")
+        raise AssertionError("unreachable")  # context.abort raises
+
+    def _handle_step(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._guard(self._step, request, context)
+
+    def _handle_finish(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._guard(self._finish, request, context)
+
+    def _step(self, request: bytes) -> bytes:
+        _, fields = wire.decode_frame(request, expect=Kind.STEP)
+        sess = self._session(fields)
+        wire.require(fields, "step", "act", "labels")
+        with sess.lock:
+            if not sess.open:
+                raise _Reject(grpc.StatusCode.UNAUTHENTICATED, "token expired during the call")
+            if sess.traffic.finished:
+                raise _Reject(grpc.StatusCode.FAILED_PRECONDITION,
+                              "this client already finished its round")
+            step = wire.unpack_u64(fields["step"], "step")
+            if step != sess.traffic.steps:
+                raise _Reject(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"expected step {sess.traffic.steps}, got {step} "
+                              "(replayed or out-of-order request)")
+            labels = wire.unpack_tensor(fields["labels"], "labels")
+            side = {name[5:]: wire.unpack_tensor(value, name)
+                    for name, value in fields.items() if name.startswith("side.")}
+            ctx = CodecContext(direction="up", step=step, seed=sess.seed,
+                               attention_mask=side.get("attention_mask"))
+            hidden = sess.up.decode(fields["act"], ctx)
+            result = self.trainer.step(sess.client, hidden, side, labels)
+            ctx_down = CodecContext(direction="down", step=step, seed=sess.seed,
+                                    attention_mask=side.get("attention_mask"))
+            response = wire.encode_frame(Kind.GRAD, {
+                "grad": sess.down.encode(result.grad, ctx_down),
+                "stats": wire.pack_f64(result.loss, result.correct),
+            })
+            t = sess.traffic
+            t.steps += 1
+            t.examples += int(labels.shape[0])
+            t.loss_sum += result.loss * int(labels.shape[0])
+            t.correct += result.correct
+            t.bytes_up += len(request)
+            t.bytes_down += len(response)
+            return response
+
+    def _finish(self, request: bytes) -> bytes:
+        _, fields = wire.decode_frame(request, expect=Kind.FINISH)
+        sess = self._session(fields)
+        with sess.lock:
+            if sess.traffic.finished:
+                raise _Reject(grpc.StatusCode.FAILED_PRECONDITION, "round already finished")
+            sess.traffic.finished = True
+            self.trainer.finish(sess.client, sess.traffic.examples)
+            response = wire.encode_frame(Kind.ACK, {})
+            sess.traffic.bytes_up += len(request)
+            sess.traffic.bytes_down += len(response)
+            return response

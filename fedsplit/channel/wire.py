@@ -1,0 +1,170 @@
+"""Binary framing of split-channel messages.
+
+Every request and response is one frame::
+
+    magic  b"FSP1"                     4 bytes
+    kind   u8                          what the frame is (see ``Kind``)
+    count  u8                          number of fields
+    field  name_len u8 | name | size u32 | bytes      (repeated ``count`` times)
+
+Field values are raw bytes: the cut tensor is whatever its codec produced, small side
+tensors (attention mask, labels, sample ids) use :func:`pack_tensor`, scalars use
+``struct``. The byte counts the channel reports are ``len(frame)``, i.e. exactly what
+crosses the wire inside gRPC (gRPC's own 5-byte message prefix and HTTP/2 framing are
+not counted).
+
+Decoding is strict: any truncation, unknown dtype, or size mismatch raises
+:class:`WireError` instead of producing a wrong tensor.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+MAGIC = b"FSP1"
+_FIELD_HEAD = struct.Struct("<B")
+_SIZE = struct.Struct("<I")
+MAX_FIELDS = 32
+MAX_DIMS = 8
+
+
+class WireError(ValueError):
+    """A split-channel frame is malformed; the message says what was wrong."""
+
+
+class Kind(enum.IntEnum):
+    STEP = 1  # client -> server: activations of one batch
+    GRAD = 2  # server -> client: gradient at the cut + loss
+    FINISH = 3  # client -> server: local epoch done
+    ACK = 4  # server -> client: finish accepted
+
+
+# dtype <-> code, a closed set: nothing else can be decoded.
+_DTYPES: dict[torch.dtype, int] = {
+    torch.float32: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.int64: 4,
+    torch.int32: 5,
+    torch.int8: 6,
+    torch.uint8: 7,
+    torch.bool: 8,
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+def encode_frame(kind: Kind, fields: Mapping[str, bytes]) -> bytes:
+    if len(fields) > MAX_FIELDS:
+        raise WireError(f"a frame holds at most {MAX_FIELDS} fields, got {len(fields)}")
+    parts = [MAGIC, bytes((int(kind), len(fields)))]
+    for name, value in fields.items():
+        raw = name.encode("ascii")
+        parts += [_FIELD_HEAD.pack(len(raw)), raw, _SIZE.pack(len(value)), value]
+    return b"".join(parts)
+
+
+def decode_frame(data: bytes, expect: Kind | None = None) -> tuple[Kind, dict[str, bytes]]:
+    view = memoryview(data)
+    if len(view) < 6 or bytes(view[:4]) != MAGIC:
+        raise WireError("not a fedsplit split-channel frame (bad magic or shorter than 6 bytes)")
+    try:
+        kind = Kind(view[4])
+    except ValueError:
+        raise WireError(f"unknown frame kind {view[4]}") from None
+    if expect is not None and kind != expect:
+        raise WireError(f"expected a {expect.name} frame, got {kind.name}")
+    count, pos, fields = view[5], 6, {}
+    for _ in range(count):
+        if pos + 1 > len(view):
+            raise WireError("frame truncated inside a field header")
+        n = view[pos]
+        pos += 1
+        if pos + n + 4 > len(view):
+            raise WireError("frame truncated inside a field name")
+        try:
+            name = bytes(view[pos : pos + n]).decode("ascii")
+        except UnicodeDecodeError:
+            raise WireError("field name is not ASCII") from None
+        pos += n
+        (size,) = _SIZE.unpack_from(view, pos)
+        pos += 4
+        if pos + size > len(view):
+            raise WireError(f"field {name!r} claims {size} bytes but only "
+                            f"{len(view) - pos} remain")
+        if name in fields:
+            raise WireError(f"field {name!r} appears twice")
+        fields[name] = bytes(view[pos : pos + size])
+        pos += size
+    if pos != len(view):
+        raise WireError(f"{len(view) - pos} trailing bytes after the last field")
+    return kind, fields
+
+
+def require(fields: Mapping[str, bytes], *names: str) -> None:
+    missing = [n for n in names if n not in fields]
+    if missing:
+        raise WireError(f"missing field(s) {', '.join(missing)}; present: {', '.join(fields)}")
+
+
+def pack_tensor(t: torch.Tensor) -> bytes:
+    """dtype u8 | ndim u8 | dims u32* | raw little-endian bytes (C order)."""
+    t = t.detach().contiguous().cpu()
+    if t.dtype not in _DTYPES:
+        raise WireError(f"dtype {t.dtype} cannot travel; allowed: {sorted(map(str, _DTYPES))}")
+    if t.dim() > MAX_DIMS:
+        raise WireError(f"at most {MAX_DIMS} dimensions, got {t.dim()}")
+    head = bytes((_DTYPES[t.dtype], t.dim())) + struct.pack(f"<{t.dim()}I", *t.shape)
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship its raw 16 bits
+        body = t.view(torch.int16).numpy().tobytes()
+    else:
+        body = t.numpy().tobytes()
+    return head + body
+
+
+def unpack_tensor(data: bytes, name: str = "tensor") -> torch.Tensor:
+    if len(data) < 2:
+        raise WireError(f"{name}: tensor header truncated")
+    code, ndim = data[0], data[1]
+    if code not in _CODES:
+        raise WireError(f"{name}: unknown dtype code {code}")
+    if ndim > MAX_DIMS:
+        raise WireError(f"{name}: {ndim} dimensions, at most {MAX_DIMS} allowed")
+    if len(data) < 2 + 4 * ndim:
+        raise WireError(f"{name}: tensor shape truncated")
+    shape = struct.unpack_from(f"<{ndim}I", data, 2)
+    dtype = _CODES[code]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = int(np.prod(shape, dtype=np.int64)) if ndim else 1
+    body = data[2 + 4 * ndim :]
+    if len(body) != numel * itemsize:
+        raise WireError(f"{name}: shape {tuple(shape)} of {dtype} needs {numel * itemsize} "
+                        f"bytes, got {len(body)}")
+    np_dtype = np.int16 if dtype == torch.bfloat16 else torch.empty((), dtype=dtype).numpy().dtype
+    arr = np.frombuffer(body, dtype=np_dtype).reshape(shape).copy()
+    out = torch.from_numpy(arr)
+    return out.view(torch.bfloat16) if dtype == torch.bfloat16 else out
+
+
+def pack_f64(*values: float) -> bytes:
+    return struct.pack(f"<{len(values)}d", *values)
+
+
+def unpack_f64(data: bytes, n: int, name: str) -> tuple[float, ...]:
+    if len(data) != 8 * n:
+        raise WireError(f"{name}: expected {n} float64 values ({8 * n} bytes), got {len(data)}")
+    return struct.unpack(f"<{n}d", data)
+
+
+def pack_u64(value: int) -> bytes:
+    return struct.pack("<Q", value)
+
+
+def unpack_u64(data: bytes, name: str) -> int:
+    if len(data) != 8:
+        raise WireError(f"{name}: expected 8 bytes, got {len(data)}")
+    return struct.unpack("<Q", data)[0]

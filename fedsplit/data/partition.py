@@ -1,0 +1,225 @@
+"""Split the train set over clients with flwr-datasets partitioners.
+
+``data.partitioner`` picks the scheme:
+
+``iid``
+    Uniform random shards (:class:`ShuffledIidPartitioner`). flwr-datasets'
+    ``IidPartitioner`` cuts contiguous shards and relies on ``FederatedDataset`` to
+    shuffle first; fedsplit assigns datasets directly, so the shuffle happens here.
+``dirichlet``
+    Label skew: each class is spread over clients with Dirichlet(``data.alpha``)
+    proportions (``DirichletPartitioner``; smaller alpha, stronger skew).
+``natural``
+    One client per distinct value of ``data.partition-by`` (e.g. the Amazon domain in
+    the ``source`` column), or ``k`` IID clients per value when the number of clients
+    is ``k`` times the number of values (:class:`NaturalIdShardPartitioner`).
+
+Partitions are pure functions of (train set, number of partitions, seed), so every
+client process computes the same split without coordination.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import datasets
+import numpy as np
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+
+from fedsplit.data.load import DataError
+
+# Flower's default: a Dirichlet client must get at least this many examples.
+MIN_PARTITION_SIZE = 10
+
+
+class ShuffledIidPartitioner(IidPartitioner):
+    """IID partitions of a seeded random permutation of the dataset.
+
+    Partition ``i`` holds the ``i``-th of ``num_partitions`` near-equal slices of the
+    permutation (sizes differ by at most one), in dataset order.
+    """
+
+    def __init__(self, num_partitions: int, seed: int) -> None:
+        super().__init__(num_partitions)
+        self._seed = seed
+        self._shards: list[np.ndarray] | None = None
+
+    def load_partition(self, partition_id: int) -> datasets.Dataset:
+        """Load partition ``partition_id`` (0-based)."""
+        _check_partition_id(partition_id, self.num_partitions)
+        if self._shards is None:
+            n = self.dataset.num_rows
+            if n < self.num_partitions:
+                raise DataError(f"cannot split {n} train examples over "
+                                f"{self.num_partitions} clients; use fewer clients or "
+                                "more data (`data.max-train-samples`=0 keeps all)")
+            perm = np.random.default_rng(self._seed).permutation(n)
+            self._shards = np.array_split(perm, self.num_partitions)
+        return self.dataset.select(np.sort(self._shards[partition_id]))
+
+
+class _DirichletPartitioner(DirichletPartitioner):
+    """``DirichletPartitioner`` whose failures are :class:`DataError` with a way out."""
+
+    def __init__(self, num_partitions: int, partition_by: str, alpha: float,
+                 min_partition_size: int, seed: int) -> None:
+        super().__init__(num_partitions=num_partitions, partition_by=partition_by,
+                         alpha=alpha, min_partition_size=min_partition_size,
+                         self_balancing=True, shuffle=True, seed=seed)
+        # Own copies for the error message (the parent's attributes are private).
+        self._settings = (num_partitions, partition_by, alpha, min_partition_size)
+
+    def load_partition(self, partition_id: int) -> datasets.Dataset:
+        num_partitions, partition_by, alpha, min_size = self._settings
+        _check_partition_id(partition_id, num_partitions)
+        _require_column(self.dataset, partition_by)
+        try:
+            with warnings.catch_warnings():
+                # It warns on every rejected draw before giving up; the error says enough.
+                warnings.simplefilter("ignore", UserWarning)
+                return super().load_partition(partition_id)
+        except ValueError as exc:
+            if isinstance(exc, DataError):
+                raise
+            raise DataError(
+                f"Dirichlet partitioning of {self.dataset.num_rows} examples by "
+                f"{partition_by!r} over {num_partitions} clients with alpha={alpha} "
+                f"failed: {exc} Each client needs at least {min_size} examples; raise "
+                "`data.alpha` (e.g. 0.3 or 1.0) or use fewer clients") from exc
+
+
+class NaturalIdShardPartitioner(Partitioner):
+    """One or several IID clients per distinct value of a column ("natural id").
+
+    With ``G`` distinct values (sorted) and ``num_partitions = k * G``, partition ``p``
+    holds shard ``p % k`` of value ``p // k``: a seeded random permutation of that
+    value's rows cut into ``k`` near-equal shards. ``k = 1`` is flwr-datasets'
+    ``NaturalIdPartitioner`` (same id order).
+
+    Parameters
+    ----------
+    partition_by : str
+        Column holding the natural id (e.g. ``source``).
+    num_partitions : int
+        Number of clients; a multiple of the number of distinct ids.
+    seed : int
+        Seed of the shuffle inside each natural group (``k > 1``).
+    """
+
+    def __init__(self, partition_by: str, num_partitions: int, seed: int) -> None:
+        super().__init__()
+        if num_partitions <= 0:
+            raise DataError(f"the number of partitions must be positive, found {num_partitions}")
+        self._partition_by = partition_by
+        self._num_partitions = num_partitions
+        self._seed = seed
+        self._ids: list[Any] | None = None
+        self._shards: list[np.ndarray] | None = None
+
+    @property
+    def num_partitions(self) -> int:
+        """Total number of partitions."""
+        return self._num_partitions
+
+    @property
+    def partition_id_to_natural_id(self) -> dict[int, Any]:
+        """Partition id -> the natural id (value of ``partition_by``) it holds."""
+        self._build()
+        assert self._ids is not None
+        k = self._num_partitions // len(self._ids)
+        return {p: self._ids[p // k] for p in range(self._num_partitions)}
+
+    def load_partition(self, partition_id: int) -> datasets.Dataset:
+        """Load partition ``partition_id`` (0-based)."""
+        _check_partition_id(partition_id, self._num_partitions)
+        self._build()
+        assert self._shards is not None
+        return self.dataset.select(self._shards[partition_id])
+
+    def _build(self) -> None:
+        if self._shards is not None:
+            return
+        _require_column(self.dataset, self._partition_by)
+        values = np.asarray(self.dataset[self._partition_by])
+        ids = sorted(set(values.tolist()))
+        groups, k = len(ids), self._num_partitions // max(len(ids), 1)
+        if groups == 0 or self._num_partitions % groups != 0:
+            raise DataError(
+                f"natural partitioning by {self._partition_by!r} needs the number of "
+                f"clients to be a multiple of its {groups} distinct values "
+                f"({', '.join(map(str, ids[:20]))}), found {self._num_partitions} clients; "
+                f"use {groups} (one client per value) or {2 * groups}, {3 * groups}, ... "
+                "(several clients per value)")
+        rng = np.random.default_rng(self._seed)
+        shards: list[np.ndarray] = []
+        for natural_id in ids:
+            rows = np.flatnonzero(values == natural_id)
+            if k > 1:
+                rows = rng.permutation(rows)
+            if len(rows) < k:
+                raise DataError(f"value {natural_id!r} of {self._partition_by!r} has "
+                                f"{len(rows)} rows, too few for {k} clients each; use "
+                                "fewer clients")
+            shards.extend(np.sort(s) for s in np.array_split(rows, k))
+        self._ids, self._shards = ids, shards
+
+
+def make_partitioner(data_cfg: Any, num_partitions: int, seed: int, *,
+                     min_partition_size: int = MIN_PARTITION_SIZE) -> Partitioner:
+    """Build the partitioner named by ``data_cfg.partitioner``.
+
+    Assign the train set with ``partitioner.dataset = train`` before calling
+    ``load_partition``.
+
+    Parameters
+    ----------
+    data_cfg : DataConfig
+        Uses ``partitioner``, ``alpha`` and ``partition_by``.
+    num_partitions : int
+        Number of clients.
+    seed : int
+        Seed of the random split.
+    min_partition_size : int
+        Fewest examples a Dirichlet client may get (redrawn up to 10 times otherwise).
+    """
+    if num_partitions <= 0:
+        raise DataError(f"the number of clients must be positive, found {num_partitions}")
+    if data_cfg.partitioner == "iid":
+        return ShuffledIidPartitioner(num_partitions, seed)
+    if data_cfg.partitioner == "dirichlet":
+        return _DirichletPartitioner(
+            num_partitions=num_partitions, partition_by=data_cfg.partition_by,
+            alpha=float(data_cfg.alpha), min_partition_size=min_partition_size, seed=seed)
+    if data_cfg.partitioner == "natural":
+        return NaturalIdShardPartitioner(data_cfg.partition_by, num_partitions, seed)
+    raise DataError(f"`data.partitioner`: unknown partitioner {data_cfg.partitioner!r}; "
+                    "choose one of iid, dirichlet, natural")
+
+
+def load_partition(data_cfg: Any, train: datasets.Dataset, partition_id: int,
+                   num_partitions: int, seed: int) -> datasets.Dataset:
+    """The train examples of client ``partition_id`` out of ``num_partitions``.
+
+    Deterministic in (``train``, ``num_partitions``, ``seed``). For small train sets
+    the Dirichlet minimum client size drops below :data:`MIN_PARTITION_SIZE` (to a
+    twentieth of the average client size, at least 1) so that a draw stays possible.
+    """
+    _check_partition_id(partition_id, num_partitions)
+    min_size = max(1, min(MIN_PARTITION_SIZE, len(train) // (20 * num_partitions)))
+    partitioner = make_partitioner(data_cfg, num_partitions, seed, min_partition_size=min_size)
+    partitioner.dataset = train
+    return partitioner.load_partition(partition_id)
+
+
+def _check_partition_id(partition_id: int, num_partitions: int) -> None:
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition id {partition_id} is out of range for {num_partitions} "
+                        f"clients; expected 0..{num_partitions - 1}")
+
+
+def _require_column(ds: datasets.Dataset, column: str) -> None:
+    if column not in ds.column_names:
+        raise DataError(f"cannot partition by {column!r}: the train set has no such column "
+                        f"(found {', '.join(map(repr, ds.column_names))}); set "
+                        "`data.partition-by`")

@@ -1,0 +1,83 @@
+"""Run output: a directory with the resolved config, per-round metrics and a plot.
+
+``<output_dir>/<name>/``
+    ``config.yaml``    the resolved configuration (kebab-case keys)
+    ``metrics.jsonl``  one JSON object per round: round, accuracy, loss, bytes_up,
+                       bytes_down, seconds, and the detailed counters
+    ``metrics.png``    accuracy against round and against cumulative bytes
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from fedsplit.config import project_root, to_yaml
+
+
+class RunWriter:
+    def __init__(self, cfg: Any) -> None:
+        name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
+        base = Path(cfg.run.output_dir).expanduser()
+        if not base.is_absolute():
+            base = Path.cwd() / base
+        self.dir = base / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.yaml").write_text(to_yaml(cfg))
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.plot()
+
+    def plot(self) -> Path | None:
+        rows = [r for r in self.rows if r.get("accuracy") is not None]
+        if not rows:
+            return None
+        return plot_accuracy([("fedsplit", rows)], self.dir / "metrics.png")
+
+
+def plot_accuracy(curves: list[tuple[str, list[dict[str, Any]]]], path: Path,
+                  title: str = "") -> Path:
+    """Accuracy against round (left) and against cumulative bytes (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, rows in curves:
+        rounds = [r["round"] for r in rows]
+        acc = [100 * r["accuracy"] for r in rows]
+        total, cum = 0, []
+        for r in rows:
+            total += r["bytes_up"] + r["bytes_down"]
+            cum.append(total / 2**20)
+        ax1.plot(rounds, acc, marker="o", label=label)
+        ax2.plot(cum, acc, marker="o", label=label)
+    ax1.set(xlabel="round", ylabel="test accuracy (%)")
+    ax2.set(xlabel="cumulative bytes, up + down (MiB)", ylabel="test accuracy (%)")
+    ax2.set_xscale("symlog")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax1.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+__all__ = ["RunWriter", "plot_accuracy", "read_metrics", "project_root"]

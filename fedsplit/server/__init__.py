@@ -1,0 +1,1 @@
+"""Server side: server-segment training and the run loop."""

@@ -1,0 +1,84 @@
+"""The server side of a run: global split model, split channel, strategy, output."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp import Grid
+from omegaconf import DictConfig
+
+from fedsplit.channel import SplitChannelServer
+from fedsplit.config import to_flat
+from fedsplit.metrics import RunWriter
+from fedsplit.server.trainer import build_trainer
+from fedsplit.task import Task, evaluate, seed_everything, with_resolved_paths
+from strategies import STRATEGIES
+
+log = logging.getLogger("fedsplit")
+
+
+def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
+    """Run ``cfg.train.rounds`` rounds of split federated learning over ``grid``."""
+    cfg = with_resolved_paths(cfg)
+    seed_everything(cfg.run.seed)
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
+    task = Task(cfg)
+    split = task.split(pretrained=True)
+    _, test_set = task.datasets()
+    test_loader = task.loader(task.encode(test_set), cfg.eval.batch_size, shuffle=False)
+    trainer = build_trainer(cfg.train.mode, split.server, cfg.train, cfg.model.num_labels)
+    writer = RunWriter(cfg)
+    log.info("fedsplit run directory: %s", writer.dir)
+
+    with SplitChannelServer(trainer, cfg.channel) as channel:
+        strategy = STRATEGIES.get("splitfed")(
+            channel, to_flat(cfg), fraction_train=cfg.train.fraction,
+            min_train_nodes=cfg.train.min_clients, round_timeout=cfg.train.round_timeout)
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0:
+                return None  # no round-0 evaluation: the plot starts at round 1
+            stats = strategy.rounds[server_round]
+            row: dict[str, Any] = {"round": server_round, "accuracy": None, "loss": None}
+            last = server_round == cfg.train.rounds
+            if server_round % cfg.eval.every == 0 or last:
+                split.client.load_state_dict(arrays.to_torch_state_dict())
+                row.update(evaluate(split, test_loader))
+            seconds = time.monotonic() - stats.started
+            row.update({
+                "bytes_up": stats.cut_bytes_up + stats.sync_bytes_up,
+                "bytes_down": stats.cut_bytes_down + stats.sync_bytes_down,
+                "seconds": seconds,
+                "train_seconds": stats.trained - stats.started,
+                "examples": stats.server_metrics.get("server_examples"),
+                "cut_bytes_up": stats.cut_bytes_up,
+                "cut_bytes_down": stats.cut_bytes_down,
+                "sync_bytes_up": stats.sync_bytes_up,
+                "sync_bytes_down": stats.sync_bytes_down,
+                "client_cut_bytes_up": stats.client_cut_bytes_up,
+                "client_cut_bytes_down": stats.client_cut_bytes_down,
+                "clients": len(stats.clients),
+                "failures": stats.failures,
+                "train_loss": stats.train_metrics.get("train-loss"),
+                "train_accuracy": stats.train_metrics.get("train-accuracy"),
+                "client_seconds_per_batch": stats.train_metrics.get("client-seconds-per-batch"),
+                **stats.server_metrics,
+            })
+            writer.add(row)
+            acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"
+            loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"
+            print(f"[fedsplit] round {server_round}/{cfg.train.rounds}  accuracy {acc}  "
+                  f"loss {loss}  bytes up {row['bytes_up']:,}  bytes down {row['bytes_down']:,}"
+                  f"  {seconds:.1f}s", flush=True)
+            return MetricRecord({k: float(v) for k, v in row.items()
+                                 if isinstance(v, (int, float)) and v is not None})
+
+        strategy.start(grid, ArrayRecord(split.client.state_dict()),
+                       num_rounds=cfg.train.rounds, timeout=cfg.train.round_timeout,
+                       evaluate_fn=evaluate_fn)
+    return writer

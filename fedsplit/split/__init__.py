@@ -1,0 +1,40 @@
+"""Model splitting: cut a model into a client segment and a server segment.
+
+Entry points: :func:`split_model`, :func:`full_forward`, :func:`loss_fn`. Splitters
+register in :data:`SPLITTERS` (``sequential`` for ``nn.Sequential``, ``hf-encoder`` for
+Hugging Face encoders, whose per-family adapters live in :data:`HF_FAMILIES`).
+"""
+
+from fedsplit.split.base import (
+    SPLITTERS,
+    ClientSegment,
+    Cut,
+    ServerSegment,
+    SplitError,
+    SplitModel,
+    Splitter,
+    cut_range,
+    full_forward,
+    loss_fn,
+    split_model,
+)
+from fedsplit.split.hf import HF_FAMILIES, EncoderFamily, HFEncoderSplitter
+from fedsplit.split.sequential import SequentialSplitter
+
+__all__ = [
+    "HF_FAMILIES",
+    "SPLITTERS",
+    "ClientSegment",
+    "Cut",
+    "EncoderFamily",
+    "HFEncoderSplitter",
+    "SequentialSplitter",
+    "ServerSegment",
+    "SplitError",
+    "SplitModel",
+    "Splitter",
+    "cut_range",
+    "full_forward",
+    "loss_fn",
+    "split_model",
+]

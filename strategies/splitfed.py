@@ -1,0 +1,155 @@
+"""SplitFedAvg: FedAvg over client segments, plus the split channel's round life.
+
+Each round:
+
+1. ``configure_train`` samples clients (FedAvg's sampling), opens the round on the
+   split channel, and sends each sampled client one Flower message with the global
+   client segment, the run config, the channel address and *its own* token and seed.
+2. Clients train their whole local epoch against the channel and reply with their
+   segment and ``num-examples``.
+3. ``aggregate_train`` averages the client segments (FedAvg, weighted by
+   ``num-examples``), closes the round on the channel (tokens expire, unfinished clients
+   are discarded) and folds the server segment (SFLV1 replicas or SFLV2's shared one).
+
+Subclasses customise the hooks ``sample_clients`` and ``client_config``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.common.serde import array_record_to_proto
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from fedsplit.channel.server import SplitChannelServer, Traffic
+from strategies import STRATEGIES
+
+# Keys of the train message's ConfigRecord (defined once, kebab-case).
+KEY_RUN_CONFIG = "fedsplit-config"  # the resolved run config, JSON
+KEY_ADDRESS = "channel-address"
+KEY_TOKEN = "channel-token"
+KEY_SEED = "channel-seed"
+KEY_ROUND = "server-round"
+KEY_NUM_EXAMPLES = "num-examples"
+
+
+def array_record_bytes(record: ArrayRecord) -> int:
+    """Exact serialized size of an ArrayRecord as Flower puts it on the wire."""
+    return array_record_to_proto(record).ByteSize()
+
+
+@dataclass
+class RoundStats:
+    """What the server learned about one round (read by the run's metrics writer)."""
+
+    server_round: int
+    started: float
+    trained: float = 0.0  # when aggregation finished (training time = trained - started)
+    clients: list[str] = field(default_factory=list)
+    traffic: dict[str, Traffic] = field(default_factory=dict)
+    sync_bytes_down: int = 0
+    sync_bytes_up: int = 0
+    failures: int = 0
+    client_cut_bytes_up: int = 0  # as counted by the clients themselves
+    client_cut_bytes_down: int = 0
+    server_metrics: dict[str, float] = field(default_factory=dict)
+    train_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cut_bytes_up(self) -> int:
+        return sum(t.bytes_up for t in self.traffic.values())
+
+    @property
+    def cut_bytes_down(self) -> int:
+        return sum(t.bytes_down for t in self.traffic.values())
+
+
+@STRATEGIES.register("splitfed")
+class SplitFedAvg(FedAvg):
+    """Split federated averaging (SplitFed) over a :class:`SplitChannelServer`."""
+
+    def __init__(self, channel: SplitChannelServer, run_config: dict[str, Any],
+                 fraction_train: float = 1.0, min_train_nodes: int = 1,
+                 round_timeout: float = 3600.0, **kwargs: Any) -> None:
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
+                         min_train_nodes=min_train_nodes,
+                         min_available_nodes=min_train_nodes, min_evaluate_nodes=0, **kwargs)
+        self.channel = channel
+        self.run_config = run_config
+        self.round_timeout = round_timeout
+        self.rounds: dict[int, RoundStats] = {}
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t└──> Split learning:")
+        log(INFO, "\t\t├── Server segment: %s", type(self.channel.trainer).__name__)
+        log(INFO, "\t\t├── Split channel: %s", self.channel.address)
+        log(INFO, "\t\t└── Codecs (up, down): %s", self.channel.codec_specs)
+
+    # ------------------------------------------------------------------ hooks
+    def sample_clients(self, server_round: int, grid: Grid) -> list[int]:
+        """Which nodes train this round (default: FedAvg's uniform sample)."""
+        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
+        sample_size = max(num_nodes, self.min_train_nodes)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        return sorted(node_ids)
+
+    def client_config(self, server_round: int, node_id: int) -> dict[str, Any]:
+        """Per-client additions to the train ConfigRecord (default: none)."""
+        return {}
+
+    # ------------------------------------------------------------------ Flower API
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        stats = RoundStats(server_round, time.monotonic())
+        self.rounds[server_round] = stats
+        node_ids = self.sample_clients(server_round, grid)
+        stats.clients = [str(n) for n in node_ids]
+        log(INFO, "configure_train: sampled %d nodes", len(node_ids))
+        self.channel.trainer.begin_round(server_round)
+        tickets = self.channel.open_round(server_round, stats.clients, self.round_timeout)
+        sync = array_record_bytes(arrays)
+        messages = []
+        for node_id in node_ids:
+            ticket = tickets[str(node_id)]
+            record = ConfigRecord(dict(config))
+            record[KEY_ROUND] = server_round
+            record[KEY_RUN_CONFIG] = json.dumps(self.run_config)
+            record[KEY_ADDRESS] = self.channel.address
+            record[KEY_TOKEN] = ticket.token
+            record[KEY_SEED] = ticket.seed
+            for key, value in self.client_config(server_round, node_id).items():
+                record[key] = value
+            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: record})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN,
+                                    dst_node_id=node_id))
+            stats.sync_bytes_down += sync
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        stats = self.rounds[server_round]
+        stats.failures = sum(1 for m in replies if m.has_error())
+        for msg in replies:
+            if not msg.has_error():
+                for rec in msg.content.array_records.values():
+                    stats.sync_bytes_up += array_record_bytes(rec)
+                for rec in msg.content.metric_records.values():
+                    stats.client_cut_bytes_up += int(rec.get("cut-bytes-up", 0))
+                    stats.client_cut_bytes_down += int(rec.get("cut-bytes-down", 0))
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        stats.traffic = self.channel.close_round()
+        stats.server_metrics = self.channel.trainer.end_round()
+        stats.train_metrics = dict(metrics) if metrics is not None else {}
+        stats.trained = time.monotonic()
+        return arrays, metrics

@@ -1,0 +1,270 @@
+"""The split channel end to end in one process: equivalence, tokens, byte accounting."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import grpc
+import pytest
+import torch
+
+from fedsplit.channel import ChannelError, SplitChannelClient, SplitChannelServer, wire
+from fedsplit.config import ChannelConfig, ModelConfig, TrainConfig
+from fedsplit.models import build_model
+from fedsplit.optim import make_optimizer
+from fedsplit.server.trainer import build_trainer
+from fedsplit.split import full_forward, loss_fn, split_model
+
+
+def channel_cfg() -> SimpleNamespace:
+    return SimpleNamespace(**{**vars(ChannelConfig()), "port": 0})
+
+
+def train_cfg(**kw) -> SimpleNamespace:
+    return SimpleNamespace(**{**vars(TrainConfig()), **kw})
+
+
+def cnn_batches(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.rand(8, 1, 8, 8, generator=g),
+             "labels": torch.randint(0, 10, (8,), generator=g)} for _ in range(n)]
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32, num_labels=2,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def bert_batches(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 50, (4, 7), generator=g)
+        mask = torch.ones(4, 7, dtype=torch.int64)
+        mask[1, 5:] = 0
+        mask[3, 3:] = 0
+        out.append({"input_ids": ids * mask, "attention_mask": mask,
+                    "token_type_ids": torch.zeros_like(ids),
+                    "labels": torch.randint(0, 2, (4,), generator=g)})
+    return out
+
+
+def centralized_losses(model, batches, tcfg) -> list[float]:
+    opt = make_optimizer(model.parameters(), tcfg)
+    losses = []
+    model.train()
+    for batch in batches:
+        loss = loss_fn(full_forward(model, batch), batch["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def split_losses(model, cut, batches, tcfg, num_labels, mode="sflv1") -> list[float]:
+    split = split_model(model, cut)
+    trainer = build_trainer(mode, split.server, tcfg, num_labels)
+    losses = []
+    with SplitChannelServer(trainer, channel_cfg()) as server:
+        trainer.begin_round(1)
+        ticket = server.open_round(1, ["c0"], timeout=60)["c0"]
+        opt = make_optimizer(split.client.parameters(), tcfg)
+        with SplitChannelClient(server.address, ticket.token, ticket.seed) as client:
+            split.client.train()
+            for batch in batches:
+                cut_out = split.client(batch)
+                reply = client.step(cut_out.hidden, cut_out.side, batch["labels"])
+                opt.zero_grad()
+                cut_out.hidden.backward(reply.grad)
+                opt.step()
+                losses.append(reply.loss)
+            client.finish()
+        server.close_round()
+        trainer.end_round()
+    return losses
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_sflv1_one_client_equals_centralized_cnn(optimizer):
+    """SFLV1, one client, no compression: the same training as the unsplit model."""
+    tcfg = train_cfg(optimizer=optimizer, lr=0.01, momentum=0.9)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="cnn-digits", num_labels=10))
+    batches = cnn_batches(4) * 5  # revisit batches so the loss has something to learn
+    ref = centralized_losses(copy.deepcopy(model), batches, tcfg)
+    got = split_losses(model, 2, batches, tcfg, 10)
+    assert len(got) == 20
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4
+    assert ref[-1] < ref[0]  # it actually trained
+
+
+@pytest.mark.parametrize("mode", ["sflv1", "sflv2"])
+def test_one_client_equals_centralized_bert(mode):
+    tcfg = train_cfg(optimizer="adamw", lr=1e-3)
+    model = tiny_bert()
+    batches = bert_batches(20)
+    ref = centralized_losses(copy.deepcopy(model), batches, tcfg)
+    got = split_losses(model, 1, batches, tcfg, 2, mode=mode)
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4
+
+
+def _setup(mode="sflv1"):
+    torch.manual_seed(0)
+    split = split_model(build_model(ModelConfig(name="cnn-digits", num_labels=10)), 2)
+    trainer = build_trainer(mode, split.server, train_cfg(lr=0.1), 10)
+    server = SplitChannelServer(trainer, channel_cfg())
+    server.start()
+    return split, trainer, server
+
+
+def _snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_expired_and_replayed_tokens_are_refused_and_change_nothing():
+    split, trainer, server = _setup()
+    try:
+        trainer.begin_round(1)
+        old = server.open_round(1, ["a"], timeout=60)["a"]
+        trainer.begin_round(2)
+        new = server.open_round(2, ["a"], timeout=60)["a"]
+        batch = cnn_batches(1)[0]
+        cut = split.client(batch)
+        before = _snapshot(trainer.segment)
+        for token, match in ((old.token, "unknown or expired"), ("forged" * 5, "unknown")):
+            with SplitChannelClient(server.address, token, 0) as c:
+                with pytest.raises(ChannelError, match=match) as err:
+                    c.step(cut.hidden, cut.side, batch["labels"])
+                assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        # A replayed step index is refused too.
+        with SplitChannelClient(server.address, new.token, new.seed) as c:
+            c.step(cut.hidden, cut.side, batch["labels"])
+            c.step_index = 0
+            with pytest.raises(ChannelError, match="replayed or out-of-order"):
+                c.step(cut.hidden, cut.side, batch["labels"])
+        # Token expiry by deadline.
+        trainer.begin_round(3)
+        late = server.open_round(3, ["a"], timeout=0.0)["a"]
+        with SplitChannelClient(server.address, late.token, late.seed) as c:
+            with pytest.raises(ChannelError, match="expired"):
+                c.step(cut.hidden, cut.side, batch["labels"])
+        server.close_round()
+        trainer.end_round()
+        assert _same(before, _snapshot(trainer.segment))  # only round 2's replica trained
+    finally:
+        server.stop()
+
+
+def test_bad_payloads_get_clear_errors_and_leave_state_unchanged():
+    split, trainer, server = _setup(mode="sflv2")
+    try:
+        trainer.begin_round(1)
+        t = server.open_round(1, ["a"], timeout=60)["a"]
+        batch = cnn_batches(1)[0]
+        cut = split.client(batch)
+        before = _snapshot(trainer.segment)
+        with SplitChannelClient(server.address, t.token, t.seed) as c:
+            bad = [
+                (cut.hidden[:, :5], batch["labels"], "cannot process activations"),
+                (torch.full_like(cut.hidden, float("nan")), batch["labels"], "NaN"),
+                (cut.hidden, batch["labels"] + 100, r"labels must lie in \[0, 10\)"),
+                (cut.hidden, batch["labels"][:3], r"labels must be \(B,\)"),
+            ]
+            for hidden, labels, match in bad:
+                with pytest.raises(ChannelError, match=match) as err:
+                    c.step(hidden, {}, labels)
+                assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            raw = c._channel.unary_unary("/fedsplit.SplitChannel/Step")
+            with pytest.raises(grpc.RpcError) as err:
+                raw(b"garbage", timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert _same(before, _snapshot(trainer.segment))
+        assert server.rejected == 5
+    finally:
+        server.stop()
+
+
+def test_bytes_are_exact_serialized_sizes_per_client_and_direction():
+    split, trainer, server = _setup()
+    try:
+        trainer.begin_round(1)
+        tickets = server.open_round(1, ["a", "b"], timeout=60)
+        sent = {"a": [0, 0], "b": [0, 0]}
+        for name, n in (("a", 3), ("b", 2)):
+            t = tickets[name]
+            with SplitChannelClient(server.address, t.token, t.seed) as c:
+                for batch in cnn_batches(n, seed=n):
+                    cut = split.client(batch)
+                    c.step(cut.hidden, cut.side, batch["labels"])
+                    # Recompute the request independently from its parts.
+                    from fedsplit.codecs import CodecContext, build_codec
+
+                    act = build_codec("identity").encode(
+                        cut.hidden.detach(), CodecContext("up", c.step_index - 1, t.seed))
+                    req = wire.encode_frame(wire.Kind.STEP, {
+                        "token": t.token.encode(), "step": wire.pack_u64(c.step_index - 1),
+                        "act": act, "labels": wire.pack_tensor(batch["labels"])})
+                    sent[name][0] += len(req)
+                c.finish()
+                sent[name][0] += len(wire.encode_frame(wire.Kind.FINISH,
+                                                       {"token": t.token.encode()}))
+                assert c.bytes_up == sent[name][0]
+                sent[name][1] = c.bytes_down
+        traffic = server.close_round()
+        for name in ("a", "b"):
+            assert traffic[name].bytes_up == sent[name][0]
+            assert traffic[name].bytes_down == sent[name][1]
+        # gradient frames: identity codec of a (8, 32, 4, 4) fp32 tensor + stats + headers
+        act_bytes = len(build_codec("identity").encode(torch.zeros(8, 32, 4, 4),
+                                                       CodecContext("down", 0, 0)))
+        grad_frame = 6 + (1 + 4 + 4 + act_bytes) + (1 + 5 + 4 + 16)
+        ack_frame = 6
+        assert traffic["a"].bytes_down == 3 * grad_frame + ack_frame
+        assert traffic["a"].steps == 3 and traffic["b"].examples == 16
+        metrics = trainer.end_round()
+        assert metrics["server_replicas_peak"] == 1  # sequential clients: one live replica
+    finally:
+        server.stop()
+
+
+def test_sflv1_discards_a_client_that_never_finishes():
+    split, trainer, server = _setup()
+    try:
+        trainer.begin_round(1)
+        tickets = server.open_round(1, ["done", "crashed"], timeout=60)
+        before = _snapshot(trainer.segment)
+        for name in ("done", "crashed"):
+            t = tickets[name]
+            with SplitChannelClient(server.address, t.token, t.seed) as c:
+                batch = cnn_batches(1, seed=1 if name == "done" else 2)[0]
+                cut = split.client(batch)
+                c.step(cut.hidden, cut.side, batch["labels"])
+                if name == "done":
+                    c.finish()
+        server.close_round()
+        metrics = trainer.end_round()
+        assert metrics["server_replicas_dropped"] == 1
+        assert metrics["server_examples"] == 8
+        # Result equals training on "done"'s batch alone.
+        ref = copy.deepcopy(split.server)
+        ref.load_state_dict(before)
+        opt = make_optimizer(ref.parameters(), train_cfg(lr=0.1))
+        batch = cnn_batches(1, seed=1)[0]
+        h = split.client(batch).hidden.detach()
+        loss_fn(ref(h, {}), batch["labels"]).backward()
+        opt.step()
+        got = _snapshot(trainer.segment)
+        assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in ref.state_dict().items())
+    finally:
+        server.stop()

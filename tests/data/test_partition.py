@@ -1,0 +1,121 @@
+"""Tests of fedsplit.data.partition: IID, Dirichlet and natural splits."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import datasets
+import numpy as np
+import pytest
+
+from fedsplit.config import DataConfig
+from fedsplit.data import DataError, load_partition, make_partitioner
+
+
+def toy(n: int = 600, classes: int = 3, sources: tuple[str, ...] = ("a", "b", "c")
+        ) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({
+        "idx": list(range(n)),
+        "label": [i % classes for i in range(n)],
+        # Contiguous blocks, as when several domain files are concatenated.
+        "source": [sources[i * len(sources) // n] for i in range(n)],
+    })
+
+
+def partitions(cfg: DataConfig, ds: datasets.Dataset, k: int, seed: int = 0
+               ) -> list[datasets.Dataset]:
+    return [load_partition(cfg, ds, p, k, seed) for p in range(k)]
+
+
+def test_iid_covers_train_exactly_once_and_is_shuffled():
+    ds = toy(601)
+    parts = partitions(DataConfig(partitioner="iid"), ds, 4)
+    ids = [i for p in parts for i in p["idx"]]
+    assert sorted(ids) == list(range(601))
+    assert sorted(len(p) for p in parts) == [150, 150, 150, 151]
+    # Not contiguous shards: every client sees every source block.
+    for p in parts:
+        assert set(p["source"]) == {"a", "b", "c"}
+
+
+def test_iid_is_deterministic_for_a_seed():
+    ds = toy()
+    cfg = DataConfig(partitioner="iid")
+    def ids(seed: int) -> list[int]:
+        return list(load_partition(cfg, ds, 1, 4, seed)["idx"])
+
+    assert ids(7) == ids(7)
+    assert ids(7) != ids(8)
+
+
+def test_iid_too_many_clients():
+    with pytest.raises(DataError, match="cannot split 3 train examples over 5 clients"):
+        load_partition(DataConfig(partitioner="iid"), toy(3), 0, 5, 0)
+
+
+def label_shares(p: datasets.Dataset, classes: int) -> np.ndarray:
+    counts = Counter(p["label"])
+    return np.array([counts[c] for c in range(classes)]) / len(p)
+
+
+def test_dirichlet_small_alpha_is_label_skewed_and_deterministic():
+    ds = toy(2000, classes=10)
+    skewed = partitions(DataConfig(partitioner="dirichlet", alpha=0.1), ds, 5, seed=1)
+    even = partitions(DataConfig(partitioner="dirichlet", alpha=1000.0), ds, 5, seed=1)
+    assert sorted(i for p in skewed for i in p["idx"]) == list(range(2000))
+    # The largest class share per client: near 1/10 for large alpha, far above for small.
+    top_skewed = np.mean([label_shares(p, 10).max() for p in skewed])
+    top_even = np.mean([label_shares(p, 10).max() for p in even])
+    assert top_even < 0.2 < 0.4 < top_skewed
+    again = partitions(DataConfig(partitioner="dirichlet", alpha=0.1), ds, 5, seed=1)
+    other = partitions(DataConfig(partitioner="dirichlet", alpha=0.1), ds, 5, seed=2)
+    assert [list(p["idx"]) for p in again] == [list(p["idx"]) for p in skewed]
+    assert [list(p["idx"]) for p in other] != [list(p["idx"]) for p in skewed]
+
+
+def test_dirichlet_impossible_draw_is_a_data_error():
+    # Two classes, tiny alpha, many clients: some client always gets almost nothing.
+    ds = toy(2000, classes=2)
+    cfg = DataConfig(partitioner="dirichlet", alpha=0.01)
+    partitioner = make_partitioner(cfg, 20, seed=0, min_partition_size=10)
+    partitioner.dataset = ds
+    with pytest.raises(DataError, match="raise `data.alpha`"):
+        partitioner.load_partition(0)
+
+
+def test_natural_one_client_per_source():
+    ds = toy()
+    parts = partitions(DataConfig(partitioner="natural", partition_by="source"), ds, 3)
+    assert [set(p["source"]) for p in parts] == [{"a"}, {"b"}, {"c"}]
+    assert sum(len(p) for p in parts) == len(ds)
+    partitioner = make_partitioner(DataConfig(partitioner="natural", partition_by="source"), 3, 0)
+    partitioner.dataset = ds
+    assert partitioner.partition_id_to_natural_id == {0: "a", 1: "b", 2: "c"}
+
+
+def test_natural_two_clients_per_source():
+    ds = toy()
+    cfg = DataConfig(partitioner="natural", partition_by="source")
+    parts = partitions(cfg, ds, 6, seed=0)
+    assert [set(p["source"]) for p in parts] == [{"a"}, {"a"}, {"b"}, {"b"}, {"c"}, {"c"}]
+    assert sorted(i for p in parts for i in p["idx"]) == list(range(len(ds)))
+    assert [len(p) for p in parts] == [100] * 6
+    # The two shards of a source are random halves, not its first and second half.
+    first = np.asarray(parts[0]["idx"])
+    assert first.max() - first.min() > 150
+    assert list(partitions(cfg, ds, 6, seed=0)[0]["idx"]) == list(first)
+
+
+@pytest.mark.parametrize("k", [2, 4, 5])
+def test_natural_wrong_number_of_clients(k):
+    cfg = DataConfig(partitioner="natural", partition_by="source")
+    with pytest.raises(DataError, match=f"multiple of its 3 distinct values.*found {k} clients"):
+        load_partition(cfg, toy(), 0, k, 0)
+
+
+def test_missing_partition_column_and_bad_partition_id():
+    cfg = DataConfig(partitioner="natural", partition_by="domain")
+    with pytest.raises(DataError, match="no such column.*'source'"):
+        load_partition(cfg, toy(), 0, 3, 0)
+    with pytest.raises(DataError, match=r"expected 0\.\.2"):
+        load_partition(DataConfig(partitioner="iid"), toy(), 3, 3, 0)
