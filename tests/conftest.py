@@ -1,0 +1,61 @@
+"""Shared test fixtures: tiny client segments (a 2-layer BERT encoder and the digits CNN)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+
+class BertSegment(nn.Module):
+    """Embeddings + the first BERT layers, as a client segment holds them."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        bert = BertModel(config)
+        self.embeddings = bert.embeddings
+        self.layers = nn.ModuleList(bert.encoder.layer)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embeddings(input_ids=input_ids)  # (B, T, H)
+        for layer in self.layers:
+            hidden = layer(hidden, None)  # (B, T, H); no padding in these tests
+        return hidden
+
+
+def tiny_bert_config(**overrides: object) -> BertConfig:
+    kwargs = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                  num_hidden_layers=2, vocab_size=100, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def digits_cnn_segment(batchnorm: bool = False) -> nn.Sequential:
+    """Blocks 0..2 of the ``cnn-digits`` model (the cut-3 client segment), optionally with
+    a BatchNorm after the first conv."""
+    first = [nn.Conv2d(1, 16, 3, padding=1)] + ([nn.BatchNorm2d(16)] if batchnorm else [])
+    return nn.Sequential(
+        nn.Sequential(*first, nn.ReLU()),  # (B, 16, 8, 8)
+        nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),  # (B, 32, 4, 4)
+        nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU()),  # (B, 64)
+    )
+
+
+@pytest.fixture
+def bert_segment() -> BertSegment:
+    torch.manual_seed(0)
+    return BertSegment(tiny_bert_config())
+
+
+@pytest.fixture
+def cnn_segment() -> nn.Sequential:
+    torch.manual_seed(0)
+    return digits_cnn_segment()
+
+
+@pytest.fixture
+def make_cnn_segment():
+    """``make_cnn_segment(batchnorm=False)`` -> a fresh digits CNN client segment."""
+    return digits_cnn_segment

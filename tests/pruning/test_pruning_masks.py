@@ -1,0 +1,161 @@
+import pytest
+import torch
+from torch import nn
+
+from fedsplit.pruning import (
+    PRUNABLE_TYPES,
+    MaskEnforcer,
+    PruningError,
+    apply_masks,
+    compute_masks,
+    mask_sparsity,
+    prunable_parameters,
+)
+
+
+def test_prunable_parameters_are_linear_and_conv_weights_only(bert_segment, cnn_segment):
+    keys = set(prunable_parameters(bert_segment))
+    assert keys == {f"layers.{i}.{p}.weight" for i in range(2) for p in (
+        "attention.self.query", "attention.self.key", "attention.self.value",
+        "attention.output.dense", "intermediate.dense", "output.dense")}
+    assert set(prunable_parameters(cnn_segment)) == {"0.0.weight", "1.0.weight", "2.1.weight"}
+    with_emb = prunable_parameters(bert_segment, include=(*PRUNABLE_TYPES, nn.Embedding))
+    assert "embeddings.word_embeddings.weight" in with_emb
+    assert "embeddings.LayerNorm.weight" not in with_emb
+    fewer = prunable_parameters(bert_segment, exclude=["layers.0.*"])
+    assert len(fewer) == 6 and all(k.startswith("layers.1.") for k in fewer)
+
+
+def test_global_masks_prune_exact_count_of_smallest(bert_segment):
+    params = prunable_parameters(bert_segment)
+    masks = compute_masks(bert_segment, 0.6, scope="global")
+    assert set(masks) == set(params)
+    total = sum(p.numel() for p in params.values())
+    pruned = sum(int((~m).sum()) for m in masks.values())
+    assert pruned == round(0.6 * total)
+    assert mask_sparsity(masks) == pytest.approx(pruned / total)
+    kept_min = min(p.detach().abs()[masks[k]].min() for k, p in params.items())
+    pruned_max = max(p.detach().abs()[~masks[k]].max() for k, p in params.items())
+    assert kept_min >= pruned_max
+
+
+def test_layer_masks_prune_each_tensor_equally(cnn_segment):
+    masks = compute_masks(cnn_segment, 0.3, scope="layer")
+    for key, p in prunable_parameters(cnn_segment).items():
+        assert int((~masks[key]).sum()) == round(0.3 * p.numel())
+        assert masks[key].dtype == torch.bool and masks[key].shape == p.shape
+
+
+def test_ties_are_broken_deterministically():
+    lin = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 2.0, 0.0, 3.0]]))
+    m = compute_masks(lin, 0.5, scope="layer")["weight"]
+    # five zeros, four to prune: the four earliest zeros (row-major)
+    assert m.tolist() == [[False, False, True, False], [False, True, True, True]]
+    m = compute_masks(lin, 0.25, scope="layer")["weight"]
+    # two of the five zeros go, the earliest ones
+    assert m.tolist() == [[False, False, True, True], [True, True, True, True]]
+
+
+def test_masks_follow_current_weights_so_pruned_weights_can_regrow():
+    lin = nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.1, 0.5, 0.9]]))
+    first = compute_masks(lin, 1 / 3)["weight"]
+    assert first.tolist() == [[False, True, True]]
+    with torch.no_grad():  # the next round's global weights: element 0 grew elsewhere
+        lin.weight.copy_(torch.tensor([[0.7, 0.2, 0.9]]))
+    assert compute_masks(lin, 1 / 3)["weight"].tolist() == [[True, False, True]]
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
+def test_bad_sparsity(cnn_segment, sparsity):
+    with pytest.raises(PruningError, match="Sparsity"):
+        compute_masks(cnn_segment, sparsity)
+
+
+def test_apply_masks_rejects_foreign_masks(cnn_segment):
+    with pytest.raises(PruningError, match="not a parameter"):
+        apply_masks(cnn_segment, {"nope.weight": torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(PruningError, match="mask shape"):
+        apply_masks(cnn_segment, {"0.0.weight": torch.ones(3, dtype=torch.bool)})
+
+
+def _train(module, make_batch, optimizer, steps, enforcer=None):
+    torch.manual_seed(1)
+    target = None
+    for _ in range(steps):
+        out = module(make_batch())
+        if target is None:
+            target = torch.randn(out.shape[-1])
+        loss = (out @ target).pow(2).mean()  # (B, ...) -> scalar; not LayerNorm-invariant
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if enforcer is not None:
+            enforcer.after_step()
+
+
+def _bert_batch():
+    return torch.randint(0, 100, (4, 6))
+
+
+def _cnn_batch():
+    return torch.randn(4, 1, 8, 8)
+
+
+OPTIMIZERS = {
+    "sgd-momentum-wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("model", ["bert", "cnn"])
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_pruned_weights_stay_exactly_zero_during_training(
+    model, opt_name, bert_segment, cnn_segment
+):
+    module, batch = (bert_segment, _bert_batch) if model == "bert" else (cnn_segment, _cnn_batch)
+    masks = compute_masks(module, 0.5)
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    optimizer = OPTIMIZERS[opt_name](module.parameters())
+    with MaskEnforcer(module, masks, optimizer=optimizer):  # after_step via the post-hook
+        _train(module, batch, optimizer, steps=4)
+    state = module.state_dict()
+    for key, mask in masks.items():
+        assert torch.count_nonzero(state[key][~mask]) == 0, key
+        assert not torch.equal(state[key][mask], before[key][mask]), f"{key} did not train"
+
+
+def test_without_enforcer_masked_weights_drift(cnn_segment):
+    """Control for the test above: plain training does move the masked weights."""
+    masks = compute_masks(cnn_segment, 0.5)
+    apply_masks(cnn_segment, masks)
+    optimizer = torch.optim.Adam(cnn_segment.parameters(), lr=1e-2)
+    _train(cnn_segment, _cnn_batch, optimizer, steps=2)
+    assert torch.count_nonzero(cnn_segment.state_dict()["0.0.weight"][~masks["0.0.weight"]]) > 0
+
+
+def test_enforcer_grad_hook_and_remove(cnn_segment):
+    masks = compute_masks(cnn_segment, 0.5)
+    enforcer = MaskEnforcer(cnn_segment, masks)
+    cnn_segment(_cnn_batch()).sum().backward()
+    grad = cnn_segment[0][0].weight.grad
+    assert torch.count_nonzero(grad[~masks["0.0.weight"]]) == 0
+    assert torch.count_nonzero(grad[masks["0.0.weight"]]) > 0
+    enforcer.remove()
+    cnn_segment.zero_grad()
+    cnn_segment(_cnn_batch()).sum().backward()
+    assert torch.count_nonzero(cnn_segment[0][0].weight.grad[~masks["0.0.weight"]]) > 0
+
+
+def test_manual_after_step_without_optimizer_hook(bert_segment):
+    masks = compute_masks(bert_segment, 0.7, scope="layer")
+    optimizer = torch.optim.SGD(bert_segment.parameters(), lr=0.1, momentum=0.9)
+    enforcer = MaskEnforcer(bert_segment, masks)
+    _train(bert_segment, _bert_batch, optimizer, steps=3, enforcer=enforcer)
+    enforcer.remove()
+    for key, mask in masks.items():
+        assert torch.count_nonzero(bert_segment.state_dict()[key][~mask]) == 0
