@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -17,10 +19,11 @@ from flwr.clientapp import ClientApp
 from clients.trainer import Cursor, schedule, train_local
 from fedsplit.channel import SplitChannelClient
 from fedsplit.config import load_config
-from fedsplit.optim import make_optimizer
+from fedsplit.optim import make_optimizer, run_progress, set_lr
 from fedsplit.task import Task
 from strategies.splitfed import (
     KEY_ADDRESS,
+    KEY_CODECS,
     KEY_ROUND,
     KEY_RUN_CONFIG,
     KEY_SEED,
@@ -44,19 +47,35 @@ def partition_of(context: Context) -> tuple[int, int]:
         ) from None
 
 
+def client_partition(task: Task, context: Context) -> Any:
+    """This node's raw training data.
+
+    Simulation: partition ``partition-id`` of ``num-partitions`` of the configured train
+    set (node config set by the simulation).
+    """
+    pid, num_partitions = partition_of(context)
+    train_set, _ = task.datasets()
+    return task.partition(train_set, pid, num_partitions)
+
+
+def root_certificates(cfg: Any, context: Context) -> bytes | None:
+    """CA certificate to verify a TLS split channel (node config wins over run config)."""
+    path = str(context.node_config.get("root-certificates", "") or cfg.channel.root_cert)
+    return Path(path).expanduser().read_bytes() if path else None
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     cfg = load_config(overrides=json.loads(str(config[KEY_RUN_CONFIG])))
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
-    pid, num_partitions = partition_of(context)
+    pid = int(context.node_config.get("partition-id", 0))
     server_round = int(config[KEY_ROUND])
     start = time.perf_counter()
 
     task = Task(cfg)
-    train_set, _ = task.datasets()
-    part = task.partition(train_set, pid, num_partitions)
+    part = client_partition(task, context)
     split = task.split(pretrained=False)
     segment = split.client
     segment.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
@@ -69,13 +88,16 @@ def train(msg: Message, context: Context) -> Message:
     context.state.config_records[CURSOR_KEY] = ConfigRecord(
         {"epoch": cursor.epoch, "offset": cursor.offset})
     flat = [int(i) for b in index_batches for i in b]
-    loader = task.loader(part.select(flat), cfg.train.batch_size, shuffle=False)
+    # Encode only this round's samples (tokenizing the whole partition would be wasted).
+    loader = task.loader(task.encode(part.select(flat)), cfg.train.batch_size, shuffle=False)
     setup_seconds = time.perf_counter() - start
 
     optimizer = make_optimizer(segment.parameters(), cfg.train)
+    codec_up, codec_down = json.loads(str(config[KEY_CODECS]))
     channel = SplitChannelClient(str(config[KEY_ADDRESS]), str(config[KEY_TOKEN]),
-                                 int(config[KEY_SEED]),
-                                 max_message_mb=cfg.channel.max_message_mb)
+                                 int(config[KEY_SEED]), codec_up, codec_down,
+                                 max_message_mb=cfg.channel.max_message_mb,
+                                 root_certificates=root_certificates(cfg, context))
     progress = None
     if cfg.run.progress:
         from tqdm import tqdm
@@ -83,7 +105,10 @@ def train(msg: Message, context: Context) -> Message:
         progress = tqdm(total=len(index_batches), desc=f"client {pid} round {server_round}",
                         mininterval=10, leave=False)
     try:
-        result = train_local(segment, loader, channel, optimizer, progress)
+        def lr_at(step: int) -> None:
+            set_lr(optimizer, cfg.train, run_progress(cfg.train, server_round, step))
+
+        result = train_local(segment, loader, channel, optimizer, progress, lr_at)
     finally:
         channel.close()
         if progress is not None:

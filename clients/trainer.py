@@ -7,7 +7,7 @@ channel and returns what the client reports to the server in its Flower reply.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,13 +79,19 @@ def schedule(n: int, batch_size: int, steps: int, epochs: int, cursor: Cursor,
 
 def train_local(segment: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                 channel: SplitChannelClient, optimizer: torch.optim.Optimizer,
-                progress: Any = None) -> LocalResult:
-    """Train ``segment`` on ``batches`` through the split channel, then finish the round."""
+                progress: Any = None,
+                lr_at: Callable[[int], None] | None = None) -> LocalResult:
+    """Train ``segment`` on ``batches`` through the split channel, then finish the round.
+
+    ``lr_at(step)`` (optional) sets the optimizer's learning rate before each step.
+    """
     result = LocalResult()
     start = time.perf_counter()
     segment.train()
     it: Iterator[dict[str, torch.Tensor]] = iter(batches)
     for batch in it:
+        if lr_at is not None:
+            lr_at(result.steps)
         t0 = time.perf_counter()
         cut = segment(batch)  # cut.hidden: (B, ...) activations at the cut
         t1 = time.perf_counter()

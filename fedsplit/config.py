@@ -110,6 +110,9 @@ class TrainConfig:
     batch_size: int = _f(32, "Client batch size.", lo=1)
     optimizer: str = _f("sgd", "Optimizer for both segments.", choices=("sgd", "adam", "adamw"))
     lr: float = _f(0.05, "Learning rate (client and server segments).", lo=0.0)
+    lr_schedule: str = _f("constant", "Learning-rate schedule over the whole run (all "
+                          "rounds' local steps): `constant` or `linear` decay to 0.",
+                          choices=("constant", "linear"))
     momentum: float = _f(0.0, "SGD momentum.", lo=0.0, hi=1.0)
     weight_decay: float = _f(0.0, "Weight decay.", lo=0.0)
     round_timeout: float = _f(3600.0, "Seconds the server waits for a round's replies; "
@@ -130,6 +133,19 @@ class ChannelConfig:
     address: str = _f("", "Address clients dial (host:port); empty = host:port as bound.")
     max_message_mb: int = _f(256, "Largest request/response the channel accepts, MiB.", lo=1)
     workers: int = _f(8, "Threads serving channel requests.", lo=1)
+    tls_cert: str = _f("", "Server certificate (PEM) for the channel; set with tls-key to "
+                       "serve TLS (deployment).")
+    tls_key: str = _f("", "Private key (PEM) of tls-cert.")
+    root_cert: str = _f("", "CA certificate (PEM) clients use to verify the channel; a "
+                        "SuperNode's node config `root-certificates` takes precedence.")
+
+
+@dataclass
+class CodecConfig:
+    up: Any = _f("identity", "Codec for activations (client -> server): a registered name, "
+                 "a mapping {name: ..., option: ...}, or a list of those applied in order "
+                 "(see fedsplit/codecs/README.md).")
+    down: Any = _f("identity", "Codec for gradients (server -> client), same forms.")
 
 
 @dataclass
@@ -140,6 +156,7 @@ class FedsplitConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
 
 
 # --------------------------------------------------------------------------- keys
@@ -279,7 +296,9 @@ def _check_type(key: str, value: Any, typ: Any, problems: list[str]) -> Any:
         if isinstance(value, (list, tuple)):
             return list(value)
         problems.append(f"`{key}`: expected a list (or comma-separated string), found {value!r}")
-    else:  # pragma: no cover - schema uses the types above only
+    elif typ is Any:  # structured values (codec specs): YAML text is parsed
+        if isinstance(value, str):
+            return _parse_value(value)
         return value
     return None
 
@@ -341,6 +360,13 @@ def _cross_checks(v: Mapping[str, Any]) -> list[str]:
                         "(e.g. data.test=[../shared/data/sst2/test.tsv])")
     if v["data.name"] == "hub" and not v["data.hub-name"]:
         problems.append("`data.hub-name`: data.name=hub needs a dataset name")
+    for key in ("codec.up", "codec.down"):
+        try:
+            from fedsplit.codecs import build_codec
+
+            build_codec(v[key])
+        except Exception as exc:  # noqa: BLE001 - any spec error is reported the same way
+            problems.append(f"`{key}`: {exc}")
     if v["train.fraction"] == 0.0:
         problems.append("`train.fraction`: 0 trains no client; use a value in (0, 1]")
     return problems

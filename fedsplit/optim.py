@@ -26,3 +26,22 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: Any) -> torc
     if name == "adamw":
         return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     raise ValueError(f"Unknown optimizer {name!r}; choose sgd, adam or adamw (train.optimizer).")
+
+
+def run_progress(train_cfg: Any, server_round: int, step: int) -> float:
+    """Fraction of the run's training done before local ``step`` of ``server_round``.
+
+    Clients and the server compute it the same way, so their learning rates agree. With
+    ``local_steps = 0`` (full epochs) the granularity is one round.
+    """
+    steps = train_cfg.local_steps
+    if steps <= 0:
+        return (server_round - 1) / train_cfg.rounds
+    return ((server_round - 1) * steps + min(step, steps - 1)) / (train_cfg.rounds * steps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, train_cfg: Any, progress: float) -> None:
+    """Apply ``train.lr-schedule`` at ``progress`` (0 = start of the run, 1 = end)."""
+    factor = 1.0 if train_cfg.lr_schedule == "constant" else max(0.0, 1.0 - progress)
+    for group in optimizer.param_groups:
+        group["lr"] = train_cfg.lr * factor

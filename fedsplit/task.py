@@ -86,11 +86,11 @@ class Task:
                            self.cfg.model.max_length)
 
     def partition(self, train: Any, partition_id: int, num_partitions: int) -> Any:
+        """This client's share of the (raw, not yet encoded) training set."""
         from fedsplit.data import load_partition
 
-        part = load_partition(self.cfg.data, train, partition_id, num_partitions,
+        return load_partition(self.cfg.data, train, partition_id, num_partitions,
                               seed=self.cfg.run.seed)
-        return self.encode(part)
 
     def loader(self, ds: Any, batch_size: int, shuffle: bool, seed: int = 0) -> Any:
         from fedsplit.data import make_loader

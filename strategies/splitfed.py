@@ -40,6 +40,7 @@ KEY_TOKEN = "channel-token"
 KEY_SEED = "channel-seed"
 KEY_ROUND = "server-round"
 KEY_NUM_EXAMPLES = "num-examples"
+KEY_CODECS = "channel-codecs"  # JSON [up, down]: this client's codec specs
 
 
 def array_record_bytes(record: ArrayRecord) -> int:
@@ -107,6 +108,10 @@ class SplitFedAvg(FedAvg):
         """Per-client additions to the train ConfigRecord (default: none)."""
         return {}
 
+    def client_codecs(self, server_round: int, node_id: int) -> tuple[Any, Any]:
+        """This client's (up, down) codec specs (default: the run's ``codec`` section)."""
+        return self.channel.codec_specs
+
     # ------------------------------------------------------------------ Flower API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -116,7 +121,9 @@ class SplitFedAvg(FedAvg):
         stats.clients = [str(n) for n in node_ids]
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
         self.channel.trainer.begin_round(server_round)
-        tickets = self.channel.open_round(server_round, stats.clients, self.round_timeout)
+        codecs = {str(n): self.client_codecs(server_round, n) for n in node_ids}
+        tickets = self.channel.open_round(server_round, stats.clients, self.round_timeout,
+                                          codecs=codecs)
         sync = array_record_bytes(arrays)
         messages = []
         for node_id in node_ids:
@@ -127,6 +134,7 @@ class SplitFedAvg(FedAvg):
             record[KEY_ADDRESS] = self.channel.address
             record[KEY_TOKEN] = ticket.token
             record[KEY_SEED] = ticket.seed
+            record[KEY_CODECS] = json.dumps(codecs[str(node_id)])
             for key, value in self.client_config(server_round, node_id).items():
                 record[key] = value
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: record})

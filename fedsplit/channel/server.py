@@ -218,7 +218,7 @@ class SplitChannelServer:
             ctx = CodecContext(direction="up", step=step, seed=sess.seed,
                                attention_mask=side.get("attention_mask"))
             hidden = sess.up.decode(fields["act"], ctx)
-            result = self.trainer.step(sess.client, hidden, side, labels)
+            result = self.trainer.step(sess.client, hidden, side, labels, step)
             ctx_down = CodecContext(direction="down", step=step, seed=sess.seed,
                                     attention_mask=side.get("attention_mask"))
             response = wire.encode_frame(Kind.GRAD, {

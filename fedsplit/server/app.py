@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedsplit.channel import SplitChannelServer
 from fedsplit.config import to_flat
@@ -19,6 +21,18 @@ from fedsplit.task import Task, evaluate, seed_everything, with_resolved_paths
 from strategies import STRATEGIES
 
 log = logging.getLogger("fedsplit")
+
+
+def channel_credentials(channel_cfg: Any) -> grpc.ServerCredentials | None:
+    """TLS credentials for the split channel when ``channel.tls-cert``/``tls-key`` are set."""
+    if not channel_cfg.tls_cert and not channel_cfg.tls_key:
+        return None
+    if not (channel_cfg.tls_cert and channel_cfg.tls_key):
+        raise ValueError("set both channel.tls-cert and channel.tls-key to serve TLS "
+                         "(or neither for plain loopback simulation)")
+    key = Path(channel_cfg.tls_key).expanduser().read_bytes()
+    cert = Path(channel_cfg.tls_cert).expanduser().read_bytes()
+    return grpc.ssl_server_credentials([(key, cert)])
 
 
 def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
@@ -35,7 +49,10 @@ def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
     writer = RunWriter(cfg)
     log.info("fedsplit run directory: %s", writer.dir)
 
-    with SplitChannelServer(trainer, cfg.channel) as channel:
+    codec_up = OmegaConf.to_container(cfg.codec, resolve=True)["up"]
+    codec_down = OmegaConf.to_container(cfg.codec, resolve=True)["down"]
+    with SplitChannelServer(trainer, cfg.channel, codec_up, codec_down,
+                            credentials=channel_credentials(cfg.channel)) as channel:
         strategy = STRATEGIES.get("splitfed")(
             channel, to_flat(cfg), fraction_train=cfg.train.fraction,
             min_train_nodes=cfg.train.min_clients, round_timeout=cfg.train.round_timeout)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from fedsplit.aggregate import StateAccumulator
-from fedsplit.optim import make_optimizer
+from fedsplit.optim import make_optimizer, run_progress, set_lr
 from fedsplit.registry import Registry
 from fedsplit.split import loss_fn as default_loss
 
@@ -75,7 +75,8 @@ class ServerTrainer(ABC):
 
     @abstractmethod
     def step(self, client: str, hidden: torch.Tensor, side: dict[str, torch.Tensor],
-             labels: torch.Tensor) -> StepResult: ...
+             labels: torch.Tensor, step: int = 0) -> StepResult:
+        """Train on one batch; ``step`` is the client's batch index in this round."""
 
     @abstractmethod
     def finish(self, client: str, num_examples: int) -> None:
@@ -112,8 +113,9 @@ class ServerTrainer(ABC):
 
     def _train_step(self, segment: nn.Module, optimizer: torch.optim.Optimizer,
                     hidden: torch.Tensor, side: dict[str, torch.Tensor],
-                    labels: torch.Tensor) -> StepResult:
+                    labels: torch.Tensor, step: int) -> StepResult:
         segment.train()
+        set_lr(optimizer, self.train_cfg, run_progress(self.train_cfg, self.server_round, step))
         h = hidden.detach().requires_grad_(True)  # (B, ...) leaf at the cut
         try:
             logits = segment(h, side)  # (B, num_labels)
@@ -164,11 +166,11 @@ class SFLV1Trainer(ServerTrainer):
             return rep
 
     def step(self, client: str, hidden: torch.Tensor, side: dict[str, torch.Tensor],
-             labels: torch.Tensor) -> StepResult:
+             labels: torch.Tensor, step: int = 0) -> StepResult:
         self.check_batch(hidden, side, labels)
         rep = self._replica(client)
         with rep.lock:
-            return self._train_step(rep.segment, rep.optimizer, hidden, side, labels)
+            return self._train_step(rep.segment, rep.optimizer, hidden, side, labels, step)
 
     def finish(self, client: str, num_examples: int) -> None:
         with self._lock:
@@ -209,10 +211,10 @@ class SFLV2Trainer(ServerTrainer):
         self._examples = 0.0
 
     def step(self, client: str, hidden: torch.Tensor, side: dict[str, torch.Tensor],
-             labels: torch.Tensor) -> StepResult:
+             labels: torch.Tensor, step: int = 0) -> StepResult:
         self.check_batch(hidden, side, labels)
         with self._lock:
-            return self._train_step(self.segment, self.optimizer, hidden, side, labels)
+            return self._train_step(self.segment, self.optimizer, hidden, side, labels, step)
 
     def finish(self, client: str, num_examples: int) -> None:
         with self._lock:

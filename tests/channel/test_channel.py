@@ -268,3 +268,37 @@ def test_sflv1_discards_a_client_that_never_finishes():
         assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in ref.state_dict().items())
     finally:
         server.stop()
+
+
+def test_sflv1_memory_follows_concurrency_not_sample_size():
+    """Two clients training at the same moment hold two replicas; four in turn hold one."""
+    import threading
+
+    split, trainer, server = _setup()
+    try:
+        for concurrent, clients, expect in ((True, ["a", "b"], 2), (False, list("wxyz"), 1)):
+            trainer.begin_round(1)
+            tickets = server.open_round(1, clients, timeout=60)
+            gate = threading.Barrier(len(clients)) if concurrent else None
+
+            def work(name):
+                t = tickets[name]
+                with SplitChannelClient(server.address, t.token, t.seed) as c:
+                    batch = cnn_batches(1)[0]
+                    cut = split.client(batch)
+                    c.step(cut.hidden.detach(), cut.side, batch["labels"])
+                    if gate is not None:
+                        gate.wait(timeout=30)  # both replicas exist before either finishes
+                    c.finish()
+
+            if concurrent:
+                threads = [threading.Thread(target=work, args=(n,)) for n in clients]
+                [t.start() for t in threads]
+                [t.join() for t in threads]
+            else:
+                for n in clients:
+                    work(n)
+            server.close_round()
+            assert trainer.end_round()["server_replicas_peak"] == expect
+    finally:
+        server.stop()
