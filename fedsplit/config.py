@@ -65,6 +65,10 @@ class ModelConfig:
     cut: int = _f(2, "Cut point: the client holds the first `cut` blocks (CNN) or "
                   "embeddings + `cut` transformer layers (HF encoders).", lo=1)
     max_length: int = _f(64, "Max tokens per text (dynamic padding below that).", lo=8)
+    bottleneck_rank: int = _f(0, "Low-rank bottleneck at the cut (HF BERT-style encoders): "
+                              "the split layer's first FFN weight is SVD-factored to this rank "
+                              "and its FFN residual removed, so (B, T, rank) crosses the cut; "
+                              "0 = off.", lo=0)
     dropout: float = _f(-1.0, "Override the model's dropout probabilities (-1 keeps them).",
                         lo=-1.0, hi=1.0)
 

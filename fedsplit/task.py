@@ -63,7 +63,12 @@ class Task:
         return self._tokenizer
 
     def split(self, pretrained: bool = True) -> SplitModel:
-        return split_model(build_model(self.cfg.model, pretrained=pretrained), self.cfg.model.cut)
+        model = build_model(self.cfg.model, pretrained=pretrained)
+        if self.cfg.model.bottleneck_rank:
+            from fedsplit.split.bottleneck import split_with_bottleneck
+
+            return split_with_bottleneck(model, self.cfg.model.cut, self.cfg.model.bottleneck_rank)
+        return split_model(model, self.cfg.model.cut)
 
     def datasets(self) -> tuple[Any, Any]:
         from fedsplit.data import load_splits

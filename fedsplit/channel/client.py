@@ -75,7 +75,9 @@ class SplitChannelClient:
             "act": self.up.encode(hidden.detach(), ctx),  # (B, ...) cut activations
             "labels": wire.pack_tensor(labels),
         }
-        fields.update({f"side.{k}": wire.pack_tensor(v) for k, v in side.items()})
+        for key, value in side.items():
+            fields[f"side.{key}"] = (wire.pack_mask(value) if key == "attention_mask"
+                                     else wire.pack_tensor(value))
         response = self._call(self._step_rpc, wire.encode_frame(Kind.STEP, fields))
         _, out = wire.decode_frame(response, expect=Kind.GRAD)
         wire.require(out, "grad", "stats")

@@ -213,8 +213,12 @@ class SplitChannelServer:
                               f"expected step {sess.traffic.steps}, got {step} "
                               "(replayed or out-of-order request)")
             labels = wire.unpack_tensor(fields["labels"], "labels")
-            side = {name[5:]: wire.unpack_tensor(value, name)
-                    for name, value in fields.items() if name.startswith("side.")}
+            side = {}
+            for name, value in fields.items():
+                if name == "side.attention_mask":
+                    side["attention_mask"] = wire.unpack_mask(value, int(labels.shape[0]))
+                elif name.startswith("side."):
+                    side[name[5:]] = wire.unpack_tensor(value, name)
             ctx = CodecContext(direction="up", step=step, seed=sess.seed,
                                attention_mask=side.get("attention_mask"))
             hidden = sess.up.decode(fields["act"], ctx)

@@ -168,3 +168,44 @@ def unpack_u64(data: bytes, name: str) -> int:
     if len(data) != 8:
         raise WireError(f"{name}: expected 8 bytes, got {len(data)}")
     return struct.unpack("<Q", data)[0]
+
+
+def pack_mask(mask: torch.Tensor) -> bytes:
+    """A (B, T) 0/1 padding mask in few bytes.
+
+    Right-padded masks (each row ones then zeros, the tokenizers' default) travel as
+    ``b"L" | T u32 | B lengths u16``; any other 0/1 mask as ``b"B" | packed bits``
+    (:func:`pack_tensor` of a bool tensor would spend a byte per position).
+    """
+    if mask.dim() != 2:
+        raise WireError(f"attention mask must be (B, T), got {tuple(mask.shape)}")
+    m = mask.detach().cpu().to(torch.int64)
+    if not bool(((m == 0) | (m == 1)).all()):
+        raise WireError("attention mask must hold only 0 and 1")
+    b, t = m.shape
+    lengths = m.sum(dim=1)  # (B,)
+    prefix = torch.arange(t)[None, :] < lengths[:, None]  # (B, T) ones-then-zeros
+    if t < 2**16 and torch.equal(prefix, m.bool()):
+        return b"L" + struct.pack("<I", t) + lengths.to(torch.int16).numpy().astype("<u2").tobytes()
+    bits = np.packbits(m.numpy().astype(np.uint8), axis=None, bitorder="little")
+    return b"B" + struct.pack("<II", b, t) + bits.tobytes()
+
+
+def unpack_mask(data: bytes, batch: int) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`; ``batch`` is the B the frame's labels imply."""
+    if data[:1] == b"L":
+        if len(data) != 5 + 2 * batch:
+            raise WireError(f"length-coded mask for B={batch} needs {5 + 2 * batch} bytes, "
+                            f"got {len(data)}")
+        (t,) = struct.unpack_from("<I", data, 1)
+        lengths = torch.from_numpy(np.frombuffer(data, dtype="<u2", offset=5).astype(np.int64))
+        if bool((lengths > t).any()):
+            raise WireError("a mask length exceeds the sequence length")
+        return (torch.arange(t)[None, :] < lengths[:, None]).to(torch.int64)  # (B, T)
+    if data[:1] == b"B" and len(data) >= 9:
+        b, t = struct.unpack_from("<II", data, 1)
+        if b != batch or len(data) != 9 + (b * t + 7) // 8:
+            raise WireError(f"bit mask header ({b}x{t}) does not match B={batch} and its size")
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, offset=9), bitorder="little")
+        return torch.from_numpy(bits[: b * t].astype(np.int64).reshape(b, t))
+    raise WireError("attention mask field is neither length-coded (L) nor a bit mask (B)")

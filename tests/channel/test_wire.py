@@ -51,3 +51,18 @@ def test_random_bytes_never_crash_the_decoder(data):
         wire.unpack_tensor(data)
     except WireError:
         pass
+
+
+def test_padding_masks_travel_as_lengths_or_bits():
+    right = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    data = wire.pack_mask(right)
+    assert len(data) == 1 + 4 + 2 * 3  # tag, T, one u16 length per row
+    assert torch.equal(wire.unpack_mask(data, 3), right)
+    holes = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 1, 1]])
+    data = wire.pack_mask(holes)
+    assert len(data) == 1 + 8 + 2  # tag, (B, T), 10 bits -> 2 bytes
+    assert torch.equal(wire.unpack_mask(data, 2), holes)
+    with pytest.raises(WireError):
+        wire.unpack_mask(data, 3)
+    with pytest.raises(WireError, match="only 0 and 1"):
+        wire.pack_mask(torch.tensor([[2, 0]]))
