@@ -44,7 +44,8 @@ class RunWriter:
 
 
 def plot_accuracy(curves: list[tuple[str, list[dict[str, Any]]]], path: Path,
-                  title: str = "") -> Path:
+                  title: str = "", bytes_keys: tuple[str, str] = ("bytes_up", "bytes_down"),
+                  bytes_label: str = "cumulative bytes, up + down (MiB)") -> Path:
     """Accuracy against round (left) and against cumulative bytes (right)."""
     import matplotlib
 
@@ -53,16 +54,17 @@ def plot_accuracy(curves: list[tuple[str, list[dict[str, Any]]]], path: Path,
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for label, rows in curves:
-        rounds = [r["round"] for r in rows]
-        acc = [100 * r["accuracy"] for r in rows]
-        total, cum = 0, []
-        for r in rows:
-            total += r["bytes_up"] + r["bytes_down"]
-            cum.append(total / 2**20)
+        total, cum, rounds, acc = 0, [], [], []
+        for r in rows:  # bytes of rounds without an evaluation still count
+            total += r[bytes_keys[0]] + r[bytes_keys[1]]
+            if r.get("accuracy") is not None:
+                cum.append(total / 2**20)
+                rounds.append(r["round"])
+                acc.append(100 * r["accuracy"])
         ax1.plot(rounds, acc, marker="o", label=label)
         ax2.plot(cum, acc, marker="o", label=label)
     ax1.set(xlabel="round", ylabel="test accuracy (%)")
-    ax2.set(xlabel="cumulative bytes, up + down (MiB)", ylabel="test accuracy (%)")
+    ax2.set(xlabel=bytes_label, ylabel="test accuracy (%)")
     ax2.set_xscale("symlog")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)

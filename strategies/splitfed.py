@@ -73,6 +73,11 @@ class RoundStats:
     def cut_bytes_down(self) -> int:
         return sum(t.bytes_down for t in self.traffic.values())
 
+    @property
+    def server_seconds_per_batch(self) -> float | None:
+        steps = sum(t.steps for t in self.traffic.values())
+        return sum(t.server_seconds for t in self.traffic.values()) / steps if steps else None
+
 
 @STRATEGIES.register("splitfed")
 class SplitFedAvg(FedAvg):

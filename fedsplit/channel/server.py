@@ -53,6 +53,7 @@ class Traffic:
     examples: int = 0
     loss_sum: float = 0.0
     correct: int = 0
+    server_seconds: float = 0.0  # decode + server-segment step + encode, this client's batches
     finished: bool = False
 
 
@@ -207,6 +208,7 @@ class SplitChannelServer:
             if sess.traffic.finished:
                 raise _Reject(grpc.StatusCode.FAILED_PRECONDITION,
                               "this client already finished its round")
+            started = time.perf_counter()
             step = wire.unpack_u64(fields["step"], "step")
             if step != sess.traffic.steps:
                 raise _Reject(grpc.StatusCode.FAILED_PRECONDITION,
@@ -236,6 +238,7 @@ class SplitChannelServer:
             t.correct += result.correct
             t.bytes_up += len(request)
             t.bytes_down += len(response)
+            t.server_seconds += time.perf_counter() - started
             return response
 
     def _finish(self, request: bytes) -> bytes:

@@ -84,6 +84,8 @@ def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
                 "train_loss": stats.train_metrics.get("train-loss"),
                 "train_accuracy": stats.train_metrics.get("train-accuracy"),
                 "client_seconds_per_batch": stats.train_metrics.get("client-seconds-per-batch"),
+                "server_seconds_per_batch": stats.server_seconds_per_batch,
+                "batches": sum(t.steps for t in stats.traffic.values()),
                 **stats.server_metrics,
             })
             writer.add(row)
