@@ -16,10 +16,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.lightweight import SegmentCompression
+from clients.memory import MemoryMeter
 from clients.trainer import Cursor, schedule, train_local
 from fedsplit.channel import SplitChannelClient
 from fedsplit.config import load_config
+from fedsplit.deploy.data import NODE_DATA_PATH, load_device_partition
 from fedsplit.optim import make_optimizer, run_progress, set_lr
+from fedsplit.sync import decode_global
 from fedsplit.task import Task
 from strategies.splitfed import (
     KEY_ADDRESS,
@@ -28,6 +32,7 @@ from strategies.splitfed import (
     KEY_RUN_CONFIG,
     KEY_SEED,
     KEY_TOKEN,
+    array_record_bytes,
 )
 
 CURSOR_KEY = "fedsplit-cursor"  # in context.state: where this node's data stream is
@@ -50,9 +55,15 @@ def partition_of(context: Context) -> tuple[int, int]:
 def client_partition(task: Task, context: Context) -> Any:
     """This node's raw training data.
 
+    Deployment: node config ``data-path`` names a partition written by
+    ``fedsplit-deploy prepare-data`` and copied to the device; it is loaded as it is
+    (the device never sees the rest of the train set).
     Simulation: partition ``partition-id`` of ``num-partitions`` of the configured train
     set (node config set by the simulation).
     """
+    data_path = str(context.node_config.get(NODE_DATA_PATH, "") or "")
+    if data_path:
+        return load_device_partition(data_path, task.cfg)
     pid, num_partitions = partition_of(context)
     train_set, _ = task.datasets()
     return task.partition(train_set, pid, num_partitions)
@@ -77,8 +88,10 @@ def train(msg: Message, context: Context) -> Message:
     task = Task(cfg)
     part = client_partition(task, context)
     split = task.split(pretrained=False)
-    segment = split.client
-    segment.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    reference = decode_global(msg.content["arrays"])  # exactly what the server sent
+    split.client.load_state_dict(reference, strict=True)
+    light = SegmentCompression(cfg, server_round, pid, context.node_config)
+    segment = light.prepare(split.client)  # pruned / smaller / fake-quantized this round
 
     state = context.state.config_records.get(CURSOR_KEY, ConfigRecord({"epoch": 0, "offset": 0}))
     cursor = Cursor(int(state["epoch"]), int(state["offset"]))
@@ -93,6 +106,8 @@ def train(msg: Message, context: Context) -> Message:
     setup_seconds = time.perf_counter() - start
 
     optimizer = make_optimizer(segment.parameters(), cfg.train)
+    light.attach(segment, optimizer)
+    meter = MemoryMeter(segment, optimizer)
     codec_up, codec_down = json.loads(str(config[KEY_CODECS]))
     channel = SplitChannelClient(str(config[KEY_ADDRESS]), str(config[KEY_TOKEN]),
                                  int(config[KEY_SEED]), codec_up, codec_down,
@@ -108,18 +123,23 @@ def train(msg: Message, context: Context) -> Message:
         def lr_at(step: int) -> None:
             set_lr(optimizer, cfg.train, run_progress(cfg.train, server_round, step))
 
-        result = train_local(segment, loader, channel, optimizer, progress, lr_at)
+        result = train_local(segment, loader, channel, optimizer, progress, lr_at, meter)
     finally:
         channel.close()
         if progress is not None:
             progress.close()
 
+    record, segment_metrics = light.package(segment, reference,
+                                            seed=int(config[KEY_SEED]) ^ server_round)
     metrics = result.metrics()
     metrics.update({
         "cut-bytes-up": channel.bytes_up,
         "cut-bytes-down": channel.bytes_down,
+        "sync-bytes-down": array_record_bytes(msg.content["arrays"]),
+        "sync-bytes-up": array_record_bytes(record),
         "client-setup-seconds": setup_seconds,
+        **segment_metrics,
+        **meter.report(),
     })
-    content = RecordDict({"arrays": ArrayRecord(segment.state_dict()),
-                          "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clients.memory import MemoryMeter
 from fedsplit.channel import SplitChannelClient
 
 
@@ -80,10 +81,14 @@ def schedule(n: int, batch_size: int, steps: int, epochs: int, cursor: Cursor,
 def train_local(segment: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                 channel: SplitChannelClient, optimizer: torch.optim.Optimizer,
                 progress: Any = None,
-                lr_at: Callable[[int], None] | None = None) -> LocalResult:
+                lr_at: Callable[[int], None] | None = None,
+                meter: MemoryMeter | None = None,
+                after_step: Callable[[], None] | None = None) -> LocalResult:
     """Train ``segment`` on ``batches`` through the split channel, then finish the round.
 
-    ``lr_at(step)`` (optional) sets the optimizer's learning rate before each step.
+    ``lr_at(step)`` (optional) sets the optimizer's learning rate before each step;
+    ``meter`` counts the activations the forward saves; ``after_step`` runs after each
+    optimizer step (e.g. re-applying pruning masks).
     """
     result = LocalResult()
     start = time.perf_counter()
@@ -93,13 +98,19 @@ def train_local(segment: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
         if lr_at is not None:
             lr_at(result.steps)
         t0 = time.perf_counter()
-        cut = segment(batch)  # cut.hidden: (B, ...) activations at the cut
+        if meter is not None:
+            with meter.forward():
+                cut = segment(batch)  # cut.hidden: (B, ...) activations at the cut
+        else:
+            cut = segment(batch)
         t1 = time.perf_counter()
         reply = channel.step(cut.hidden, cut.side, batch["labels"])
         t2 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         cut.hidden.backward(reply.grad)  # continue backprop from the server's cut gradient
         optimizer.step()
+        if after_step is not None:
+            after_step()
         result.compute_seconds += (t1 - t0) + (time.perf_counter() - t2)
         b = int(batch["labels"].shape[0])
         result.num_examples += b

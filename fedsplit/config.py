@@ -153,6 +153,40 @@ class CodecConfig:
 
 
 @dataclass
+class PruneConfig:
+    kind: str = _f("none", "Client-segment pruning: `none`, `unstructured` (dynamic magnitude "
+                   "masks, recomputed every round) or `structured` (attention heads + FFN "
+                   "channels / conv filters, physically smaller tensors).",
+                   choices=("none", "unstructured", "structured"))
+    target: float = _f(0.5, "Final sparsity (unstructured) or fraction of heads, FFN channels "
+                       "and filters removed (structured).", lo=0.0, hi=0.99)
+    client_targets: list = _f([], "Per-client targets indexed by partition id (cycled), for "
+                              "weak devices that prune more; a SuperNode's node config "
+                              "`prune-target` wins. Empty = `target` for everyone.")
+    schedule: str = _f("cubic", "Sparsity ramp from 0 to the target over rounds.",
+                       choices=("cubic", "linear", "constant"))
+    start_round: int = _f(1, "First round of the ramp.", lo=1)
+    end_round: int = _f(0, "Round the target is reached (0 = the last round).", lo=0)
+    scope: str = _f("global", "Unstructured: rank weights across the segment (`global`) or "
+                    "within each tensor (`layer`).", choices=("global", "layer"))
+    embeddings: bool = _f(False, "Unstructured: prune embedding matrices too.")
+
+
+@dataclass
+class QuantConfig:
+    qat: bool = _f(False, "Quantization-aware training of the client segment (int8 fake quant "
+                   "of weights and activations, straight-through estimator).")
+    update_bits: int = _f(32, "Client -> server model update: 32 = float32 (plain FedAvg "
+                          "arrays), or 2/4/8-bit stochastic quantization.",
+                          choices=(2, 4, 8, 32))
+    update_scheme: str = _f("per-channel", "Scales of the quantized update.",
+                            choices=("per-tensor", "per-channel"))
+    update_delta: bool = _f(True, "Send the change against the received global segment "
+                            "(smaller range) rather than the weights.")
+    down_int8: bool = _f(False, "Server -> client global segment in int8 (per channel).")
+
+
+@dataclass
 class FedsplitConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -161,6 +195,8 @@ class FedsplitConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
 
 # --------------------------------------------------------------------------- keys
@@ -371,6 +407,11 @@ def _cross_checks(v: Mapping[str, Any]) -> list[str]:
             build_codec(v[key])
         except Exception as exc:  # noqa: BLE001 - any spec error is reported the same way
             problems.append(f"`{key}`: {exc}")
+    for t in v["prune.client-targets"]:
+        if not isinstance(t, (int, float)) or not 0.0 <= float(t) < 1.0:
+            problems.append(f"`prune.client-targets`: {t!r} is not a fraction in [0, 1)")
+    if v["prune.end-round"] and v["prune.end-round"] < v["prune.start-round"]:
+        problems.append("`prune.end-round` is before `prune.start-round`")
     if v["train.fraction"] == 0.0:
         problems.append("`train.fraction`: 0 trains no client; use a value in (0, 1]")
     return problems

@@ -4,6 +4,7 @@
     ``config.yaml``    the resolved configuration (kebab-case keys)
     ``metrics.jsonl``  one JSON object per round: round, accuracy, loss, bytes_up,
                        bytes_down, seconds, and the detailed counters
+    ``clients.jsonl``  one JSON object per client per round (what each client reported)
     ``metrics.png``    accuracy against round and against cumulative bytes
 """
 
@@ -28,12 +29,18 @@ class RunWriter:
         (self.dir / "config.yaml").write_text(to_yaml(cfg))
         self.metrics_path = self.dir / "metrics.jsonl"
         self.metrics_path.write_text("")
+        self.clients_path = self.dir / "clients.jsonl"
+        self.clients_path.write_text("")
         self.rows: list[dict[str, Any]] = []
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: dict[str, Any], clients: list[dict[str, Any]] = ()) -> None:
+        """One round's row, and optionally each client's own metrics for the round."""
         self.rows.append(row)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        with self.clients_path.open("a") as f:
+            for c in clients:
+                f.write(json.dumps(c) + "\n")
         self.plot()
 
     def plot(self) -> Path | None:

@@ -30,7 +30,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+import torch
+from omegaconf import DictConfig
+
 from fedsplit.channel.server import SplitChannelServer, Traffic
+from fedsplit.config import to_flat
+from fedsplit.pruning import masked_average
+from fedsplit.sync import compressed_updates, decode_client, encode_global
 from strategies import STRATEGIES
 
 # Keys of the train message's ConfigRecord (defined once, kebab-case).
@@ -63,6 +69,7 @@ class RoundStats:
     client_cut_bytes_up: int = 0  # as counted by the clients themselves
     client_cut_bytes_down: int = 0
     server_metrics: dict[str, float] = field(default_factory=dict)
+    clients_metrics: list[dict[str, Any]] = field(default_factory=list)  # one per reply
     train_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -83,16 +90,20 @@ class RoundStats:
 class SplitFedAvg(FedAvg):
     """Split federated averaging (SplitFed) over a :class:`SplitChannelServer`."""
 
-    def __init__(self, channel: SplitChannelServer, run_config: dict[str, Any],
-                 fraction_train: float = 1.0, min_train_nodes: int = 1,
-                 round_timeout: float = 3600.0, **kwargs: Any) -> None:
-        super().__init__(fraction_train=fraction_train, fraction_evaluate=0.0,
-                         min_train_nodes=min_train_nodes,
-                         min_available_nodes=min_train_nodes, min_evaluate_nodes=0, **kwargs)
+    def __init__(self, channel: SplitChannelServer, cfg: DictConfig, **kwargs: Any) -> None:
+        super().__init__(fraction_train=cfg.train.fraction, fraction_evaluate=0.0,
+                         min_train_nodes=cfg.train.min_clients,
+                         min_available_nodes=cfg.train.min_clients, min_evaluate_nodes=0,
+                         **kwargs)
         self.channel = channel
-        self.run_config = run_config
-        self.round_timeout = round_timeout
+        self.cfg = cfg
+        self.run_config = to_flat(cfg)
+        self.round_timeout = cfg.train.round_timeout
         self.rounds: dict[int, RoundStats] = {}
+        # What this round's clients received (their delta-update reference) and the
+        # union of kept elements after the last mask-aware aggregation.
+        self._reference: dict[str, torch.Tensor] = {}
+        self.global_masks: dict[str, torch.Tensor] | None = None
 
     def summary(self) -> None:
         super().summary()
@@ -117,6 +128,23 @@ class SplitFedAvg(FedAvg):
         """This client's (up, down) codec specs (default: the run's ``codec`` section)."""
         return self.channel.codec_specs
 
+    def _aggregate_masked(self, replies: list[Message],
+                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Mask-aware FedAvg: each element averaged over the clients that kept it."""
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        items = []
+        for msg in valid:
+            record = next(iter(msg.content.array_records.values()))
+            state, masks = decode_client(record, self._reference)
+            weight = float(next(iter(msg.content.metric_records.values()))[self.weighted_by_key])
+            items.append((state, masks, weight))
+        state, masks = masked_average(items)
+        self.global_masks = masks or None
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return ArrayRecord(state), metrics
+
     # ------------------------------------------------------------------ Flower API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -129,6 +157,7 @@ class SplitFedAvg(FedAvg):
         codecs = {str(n): self.client_codecs(server_round, n) for n in node_ids}
         tickets = self.channel.open_round(server_round, stats.clients, self.round_timeout,
                                           codecs=codecs)
+        arrays, self._reference = encode_global(self.cfg, arrays, self.global_masks)
         sync = array_record_bytes(arrays)
         messages = []
         for node_id in node_ids:
@@ -160,7 +189,13 @@ class SplitFedAvg(FedAvg):
                 for rec in msg.content.metric_records.values():
                     stats.client_cut_bytes_up += int(rec.get("cut-bytes-up", 0))
                     stats.client_cut_bytes_down += int(rec.get("cut-bytes-down", 0))
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        if compressed_updates(self.cfg):
+            arrays, metrics = self._aggregate_masked(replies)
+        else:
+            arrays, metrics = super().aggregate_train(server_round, replies)
+        stats.clients_metrics = [dict(rec) | {"node": m.metadata.src_node_id}
+                                 for m in replies if not m.has_error()
+                                 for rec in m.content.metric_records.values()]
         stats.traffic = self.channel.close_round()
         stats.server_metrics = self.channel.trainer.end_round()
         stats.train_metrics = dict(metrics) if metrics is not None else {}

@@ -28,3 +28,10 @@ def test_flower_components_point_at_real_apps():
     for key, cls in (("serverapp", ServerApp), ("clientapp", ClientApp)):
         module, attr = comps[key].split(":")
         assert isinstance(getattr(importlib.import_module(module), attr), cls)
+
+
+def test_readme_config_reference_is_in_sync():
+    from fedsplit.tools.configdoc import render as render_reference
+
+    assert render_reference() in (ROOT / "README.md").read_text(), (
+        "README's config reference is stale: regenerate it with python -m fedsplit.tools.configdoc")

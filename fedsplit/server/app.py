@@ -14,7 +14,6 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
 from fedsplit.channel import SplitChannelServer
-from fedsplit.config import to_flat
 from fedsplit.metrics import RunWriter
 from fedsplit.server.trainer import build_trainer
 from fedsplit.task import Task, evaluate, seed_everything, with_resolved_paths
@@ -53,9 +52,7 @@ def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
     codec_down = OmegaConf.to_container(cfg.codec, resolve=True)["down"]
     with SplitChannelServer(trainer, cfg.channel, codec_up, codec_down,
                             credentials=channel_credentials(cfg.channel)) as channel:
-        strategy = STRATEGIES.get("splitfed")(
-            channel, to_flat(cfg), fraction_train=cfg.train.fraction,
-            min_train_nodes=cfg.train.min_clients, round_timeout=cfg.train.round_timeout)
+        strategy = STRATEGIES.get("splitfed")(channel, cfg)
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round == 0:
@@ -88,7 +85,7 @@ def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
                 "batches": sum(t.steps for t in stats.traffic.values()),
                 **stats.server_metrics,
             })
-            writer.add(row)
+            writer.add(row, clients=[{"round": server_round, **m} for m in stats.clients_metrics])
             acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"
             loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"
             print(f"[fedsplit] round {server_round}/{cfg.train.rounds}  accuracy {acc}  "

@@ -17,7 +17,7 @@ def render() -> str:
             section = sec
             out += ["", f"**{sec}**", "", "| key | default | meaning |", "|---|---|---|"]
         meta = f.metadata
-        allowed = f" One of: {', '.join(meta['choices'])}." if meta.get("choices") else ""
+        allowed = f" One of: {', '.join(map(str, meta['choices']))}." if meta.get("choices") else ""
         default = defaults[key]
         shown = f"`{default}`" if default not in ("", []) else "—"
         out.append(f"| `{key}` | {shown} | {meta['help']}{allowed} |")

@@ -1,0 +1,90 @@
+"""Model sync: how the client segment travels inside Flower messages.
+
+Plain runs send float32 arrays (an ``ArrayRecord`` of the state dict, FedAvg as usual).
+With pruning or quantized updates configured, one side's payload is a single uint8
+array holding :mod:`fedsplit.quantization` bytes:
+
+* down (server -> client), ``quant.down-int8``: the global segment in int8 per channel,
+  never-kept elements costing one bit (:func:`encode_int8_state`);
+* up (client -> server), ``prune.kind != none`` or ``quant.update-bits < 32``: the trained
+  segment (or its change against what the client received) with only kept elements, each
+  at ``update-bits``, plus a bitmask (:func:`encode_update`).
+
+Byte counts of both directions are the exact protobuf sizes of these ArrayRecords.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from fedsplit.quantization import (
+    decode_int8_state,
+    decode_update,
+    encode_int8_state,
+    encode_update,
+)
+
+UPDATE_KEY = "fedsplit-update"  # uint8 payload of encode_update
+INT8_KEY = "fedsplit-int8"  # uint8 payload of encode_int8_state
+
+StateDict = dict[str, torch.Tensor]
+
+
+def compressed_updates(cfg: Any) -> bool:
+    return cfg.prune.kind != "none" or cfg.quant.update_bits != 32
+
+
+def _pack(key: str, data: bytes) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.frombuffer(data, dtype=np.uint8))})
+
+
+def _payload(record: ArrayRecord, key: str) -> bytes | None:
+    if key not in record:
+        return None
+    return record[key].numpy().tobytes()
+
+
+def encode_global(cfg: Any, arrays: ArrayRecord,
+                  masks: Mapping[str, torch.Tensor] | None = None) -> tuple[ArrayRecord, StateDict]:
+    """Server: the global segment as sent, and exactly what clients will decode from it
+    (the reference of their delta updates; empty when updates are plain arrays)."""
+    if cfg.quant.down_int8:
+        data = encode_int8_state(arrays.to_torch_state_dict(), masks)
+        return _pack(INT8_KEY, data), decode_int8_state(data)[0]
+    if compressed_updates(cfg):
+        return arrays, arrays.to_torch_state_dict()
+    return arrays, {}
+
+
+def decode_global(record: ArrayRecord) -> StateDict:
+    """Client: the received global segment (float tensors)."""
+    data = _payload(record, INT8_KEY)
+    if data is not None:
+        return decode_int8_state(data)[0]
+    return record.to_torch_state_dict()
+
+
+def encode_client(cfg: Any, state: Mapping[str, torch.Tensor],
+                  masks: Mapping[str, torch.Tensor] | None, reference: StateDict,
+                  seed: int) -> ArrayRecord:
+    """Client: the trained segment for the uplink."""
+    if not compressed_updates(cfg):
+        return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+    data = encode_update(dict(state), bits=cfg.quant.update_bits,
+                         scheme=cfg.quant.update_scheme, masks=masks, seed=seed,
+                         reference=reference if cfg.quant.update_delta else None)
+    return _pack(UPDATE_KEY, data)
+
+
+def decode_client(record: ArrayRecord, reference: StateDict,
+                  ) -> tuple[StateDict, dict[str, torch.Tensor] | None]:
+    """Server: a client's trained segment and its masks (``None`` for plain arrays)."""
+    data = _payload(record, UPDATE_KEY)
+    if data is None:
+        return record.to_torch_state_dict(), None
+    return decode_update(data, reference=reference)
