@@ -7,21 +7,20 @@ Every row runs the same simulation (``--config``, ``--clients``, equal rounds) a
 differs only in the codecs (and, for the ``bneck*`` rows, the low-rank bottleneck at the
 split layer). Bytes are the split channel's exact counts of the cut-layer frames, both
 directions (model-sync bytes are not cut-layer traffic and are reported separately).
-Writes ``<out>/codecs.md`` (the table), ``codecs.json`` and ``codecs.png`` (accuracy
+Writes ``<out>/codecs.md`` (the table), ``rows.json`` and ``codecs.png`` (accuracy
 against cumulative cut-layer bytes, one curve per row).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedsplit.metrics import plot_accuracy, read_metrics  # noqa: E402
-from fedsplit.simulate import simulate  # noqa: E402
+from experiments.common import final_accuracy, run_rows, weighted  # noqa: E402
+from fedsplit.metrics import plot_accuracy  # noqa: E402
 
 DP_Q8 = "[drop-padding, {name: quantize, bits: 8, scale: per-token}]"
 DP_Q4 = "[drop-padding, {name: quantize, bits: 4, scale: per-token}]"
@@ -50,16 +49,13 @@ def summarize(name: str, rows: list[dict]) -> dict:
     cut_up = sum(r["cut_bytes_up"] for r in rows)
     cut_down = sum(r["cut_bytes_down"] for r in rows)
     samples = sum(r["examples"] for r in rows)
-    batches = sum(r["batches"] for r in rows)
-    last = [r for r in rows if r.get("accuracy") is not None][-1]
     return {
         "name": name, "rounds": len(rows), "samples": samples,
         "cut_bytes_up": cut_up, "cut_bytes_down": cut_down,
         "cut_bytes_per_sample": (cut_up + cut_down) / samples,
-        "accuracy": last["accuracy"],
-        "client_s_per_batch": sum(r["client_seconds_per_batch"] * r["batches"] for r in rows) / batches,
-        "server_s_per_batch": sum(r["server_seconds_per_batch"] * r["batches"] for r in rows) / batches,
-        "sync_bytes": sum(r["sync_bytes_up"] + r["sync_bytes_down"] for r in rows),
+        "accuracy": final_accuracy(rows),
+        "client_s_per_batch": weighted(rows, "client_seconds_per_batch"),
+        "server_s_per_batch": weighted(rows, "server_seconds_per_batch"),
     }
 
 
@@ -74,22 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results, curves = [], []
-    store = out / "codecs.json"
-    previous = json.loads(store.read_text()) if store.exists() else {}
-    for name in args.rows:
-        run_dir = simulate(args.config, [f"train.rounds={args.rounds}", "run.progress=false",
-                                         f"run.output-dir={out}", f"run.name={name}",
-                                         *ROWS[name], *args.overrides],
-                           clients=args.clients)
-        rows = read_metrics(run_dir)
-        previous[name] = {"summary": summarize(name, rows), "rows": rows}
-        store.write_text(json.dumps(previous, indent=1))
-    base = previous.get("identity", {}).get("summary")
-    for name, entry in previous.items():
-        results.append(entry["summary"])
-        curves.append((name, entry["rows"]))
+    stored = run_rows(ROWS, args.rows, args.config, args.clients, args.rounds, out,
+                      args.overrides)
+    results = [summarize(name, entry["rounds"]) for name, entry in stored.items()]
+    curves = [(name, entry["rounds"]) for name, entry in stored.items()]
+    base = next((s for s in results if s["name"] == "identity"), None)
     lines = [f"SFL on {args.config}, {args.clients} clients, equal rounds; cut-layer bytes are "
              "exact split-channel frame sizes, both directions.", "",
              "| codecs | rounds | samples | cut MiB (up+down) | bytes/sample | ratio vs fp32 | "

@@ -1,0 +1,45 @@
+"""Shared plumbing of the comparison benchmarks: run named rows, keep their metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedsplit.metrics import read_metrics
+from fedsplit.simulate import simulate
+
+
+def run_rows(rows: dict[str, list[str]], names: list[str], config: str, clients: int,
+             rounds: int, out: Path, extra: list[str]) -> dict[str, dict[str, Any]]:
+    """Run each named row (a list of overrides) and store its metrics in ``out/rows.json``.
+
+    Rows already stored from an earlier invocation are kept, so a long table can be built
+    in several sittings (``--rows a b``, then ``--rows c``); every stored row records the
+    exact overrides it ran with.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "rows.json"
+    stored = json.loads(store.read_text()) if store.exists() else {}
+    for name in names:
+        overrides = [f"train.rounds={rounds}", "run.progress=false", f"run.output-dir={out}",
+                     f"run.name={name}", *rows[name], *extra]
+        run_dir = simulate(config, overrides, clients=clients)
+        clients_file = run_dir / "clients.jsonl"
+        stored[name] = {
+            "command_overrides": overrides, "config": config, "clients": clients,
+            "rounds": read_metrics(run_dir),
+            "clients_rows": [json.loads(line) for line in clients_file.read_text().splitlines()
+                             if line.strip()],
+        }
+        store.write_text(json.dumps(stored, indent=1))
+    return stored
+
+
+def weighted(rows: list[dict[str, Any]], key: str, weight: str = "batches") -> float:
+    total = sum(r[weight] for r in rows)
+    return sum(r[key] * r[weight] for r in rows) / total if total else float("nan")
+
+
+def final_accuracy(rows: list[dict[str, Any]]) -> float:
+    return [r for r in rows if r.get("accuracy") is not None][-1]["accuracy"]

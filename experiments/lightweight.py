@@ -1,0 +1,74 @@
+"""Lightweight client segment: dense fp32 vs pruned / quantized, at equal rounds.
+
+    python experiments/lightweight.py                    # SST-2 + MiniLM, all rows
+    python experiments/lightweight.py --rows dense structured30 --rounds 4
+
+Columns: final test accuracy; model-sync bytes per round (Flower ArrayRecords, exact
+protobuf sizes, both directions, mean over rounds and at the last round); client seconds
+per batch (client-side forward + backward + optimizer step, measured by the clients);
+client peak memory of the segment (parameters + gradients + optimizer state + saved
+activations, the largest over clients and rounds; see clients/memory.py).
+Writes ``<out>/lightweight.md`` and ``rows.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.common import final_accuracy, run_rows, weighted  # noqa: E402
+
+RAMP = ["prune.schedule=cubic", "prune.start-round=1", "prune.end-round=3"]
+ROWS: dict[str, list[str]] = {
+    "dense": [],
+    "unstructured50-q8": ["prune.kind=unstructured", "prune.target=0.5", "prune.embeddings=true",
+                          *RAMP, "quant.update-bits=8", "quant.down-int8=true"],
+    "structured30": ["prune.kind=structured", "prune.target=0.3", *RAMP],
+    "structured30-qat": ["prune.kind=structured", "prune.target=0.3", *RAMP, "quant.qat=true"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/sst2_minilm.yaml")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--out", default="runs/lightweight")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    stored = run_rows(ROWS, args.rows, args.config, args.clients, args.rounds, out,
+                      args.overrides)
+    dense = stored.get("dense")
+    dense_sync = (sum(r["sync_bytes_up"] + r["sync_bytes_down"] for r in dense["rounds"])
+                  / len(dense["rounds"])) if dense else float("nan")
+    dense_spb = weighted(dense["rounds"], "client_seconds_per_batch") if dense else float("nan")
+    lines = [f"{args.config}, {args.clients} clients, equal rounds.", "",
+             "| setting | accuracy | sync MiB/round (mean) | sync MiB (last round) | "
+             "sync reduction | client s/batch | vs dense | client peak MiB | final sparsity |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, entry in stored.items():
+        rounds, per_client = entry["rounds"], entry["clients_rows"]
+        sync = [r["sync_bytes_up"] + r["sync_bytes_down"] for r in rounds]
+        mean = sum(sync) / len(sync)
+        spb = weighted(rounds, "client_seconds_per_batch")
+        peak = max(c["client-peak-memory-mib"] for c in per_client)
+        last = [c for c in per_client if c["round"] == rounds[-1]["round"]]
+        sparsity = sum(c.get("sparsity", 0.0) for c in last) / len(last)
+        lines.append(
+            f"| {name} | {100 * final_accuracy(rounds):.2f}% | {mean / 2**20:.2f} | "
+            f"{sync[-1] / 2**20:.2f} | {dense_sync / mean:.2f}x | {spb:.3f} | "
+            f"{100 * (spb / dense_spb - 1):+.1f}% | {peak:.1f} | {sparsity:.2f} |")
+    table = "\n".join(lines)
+    (out / "lightweight.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
