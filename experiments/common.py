@@ -16,7 +16,9 @@ def run_rows(rows: dict[str, list[str]], names: list[str], config: str, clients:
 
     Rows already stored from an earlier invocation are kept, so a long table can be built
     in several sittings (``--rows a b``, then ``--rows c``); every stored row records the
-    exact overrides it ran with.
+    exact overrides it ran with. A row whose run (config, clients, overrides) is already
+    stored under another name is reused, not run again (e.g. the codec table's
+    ``identity`` is the lightweight table's ``dense``).
     """
     out.mkdir(parents=True, exist_ok=True)
     store = out / "rows.json"
@@ -24,6 +26,13 @@ def run_rows(rows: dict[str, list[str]], names: list[str], config: str, clients:
     for name in names:
         overrides = [f"train.rounds={rounds}", "run.progress=false", f"run.output-dir={out}",
                      f"run.name={name}", *rows[name], *extra]
+        same = [k for k, v in stored.items() if k != name and v["config"] == config
+                and v["clients"] == clients
+                and v["command_overrides"][:3] + v["command_overrides"][4:]
+                == overrides[:3] + overrides[4:]]
+        if same:
+            stored[name] = {**stored[same[0]], "reused": same[0]}
+            continue
         run_dir = simulate(config, overrides, clients=clients)
         clients_file = run_dir / "clients.jsonl"
         stored[name] = {

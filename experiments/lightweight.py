@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--out", default="runs/lightweight")
+    parser.add_argument("--out", default="runs/bench")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
              "sync reduction | client s/batch | vs dense | client peak MiB | final sparsity |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, entry in stored.items():
+        if name not in ROWS:  # the store is shared with other tables
+            continue
         rounds, per_client = entry["rounds"], entry["clients_rows"]
         sync = [r["sync_bytes_up"] + r["sync_bytes_down"] for r in rounds]
         mean = sum(sync) / len(sync)
