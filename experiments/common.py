@@ -32,6 +32,7 @@ def run_rows(rows: dict[str, list[str]], names: list[str], config: str, clients:
                 == overrides[:3] + overrides[4:]]
         if same:
             stored[name] = {**stored[same[0]], "reused": same[0]}
+            store.write_text(json.dumps(stored, indent=1))
             continue
         run_dir = simulate(config, overrides, clients=clients)
         clients_file = run_dir / "clients.jsonl"
