@@ -27,15 +27,15 @@ from fedsplit.sync import decode_global
 from fedsplit.task import Task
 from strategies.splitfed import (
     KEY_ADDRESS,
+    KEY_CLIENT,
     KEY_CODECS,
+    KEY_CURSOR,
     KEY_ROUND,
     KEY_RUN_CONFIG,
     KEY_SEED,
     KEY_TOKEN,
     array_record_bytes,
 )
-
-CURSOR_KEY = "fedsplit-cursor"  # in context.state: where this node's data stream is
 
 app = ClientApp()
 
@@ -75,6 +75,19 @@ def root_certificates(cfg: Any, context: Context) -> bytes | None:
     return Path(path).expanduser().read_bytes() if path else None
 
 
+def client_key(context: Context) -> str:
+    """A stable name for this client: node config `name`, else its partition id."""
+    node = context.node_config
+    return str(node.get("name") or f"partition-{node.get('partition-id', 0)}")
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server who this client is (asked once per run, see SplitFedAvg.discover)."""
+    return Message(content=RecordDict({"info": ConfigRecord({KEY_CLIENT: client_key(context)})}),
+                   reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
@@ -85,6 +98,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config[KEY_ROUND])
     start = time.perf_counter()
 
+    torch.manual_seed(int(config[KEY_SEED]))  # client-side dropout repeats in a rerun
     task = Task(cfg)
     part = client_partition(task, context)
     split = task.split(pretrained=False)
@@ -93,13 +107,11 @@ def train(msg: Message, context: Context) -> Message:
     light = SegmentCompression(cfg, server_round, pid, context.node_config)
     segment = light.prepare(split.client)  # pruned / smaller / fake-quantized this round
 
-    state = context.state.config_records.get(CURSOR_KEY, ConfigRecord({"epoch": 0, "offset": 0}))
-    cursor = Cursor(int(state["epoch"]), int(state["offset"]))
-    index_batches, cursor = schedule(len(part), cfg.train.batch_size, cfg.train.local_steps,
-                                     cfg.train.local_epochs, cursor,
-                                     seed=cfg.run.seed * 1_000_003 + pid)
-    context.state.config_records[CURSOR_KEY] = ConfigRecord(
-        {"epoch": cursor.epoch, "offset": cursor.offset})
+    # The server tracks how many samples this client consumed (it survives restarts).
+    consumed = int(config.get(KEY_CURSOR, 0))
+    cursor = Cursor(consumed // len(part), consumed % len(part)) if len(part) else Cursor()
+    index_batches, _ = schedule(len(part), cfg.train.batch_size, cfg.train.local_steps,
+                                cfg.train.local_epochs, cursor, seed=cfg.run.seed * 1_000_003 + pid)
     flat = [int(i) for b in index_batches for i in b]
     # Encode only this round's samples (tokenizing the whole partition would be wasted).
     loader = task.loader(task.encode(part.select(flat)), cfg.train.batch_size, shuffle=False)

@@ -54,6 +54,8 @@ class RunConfig:
     name: str = _f("", "Run directory name; empty means a timestamp.")
     num_threads: int = _f(0, "torch threads per process (0 = torch's default).", lo=0)
     progress: bool = _f(True, "Show progress bars for long work.")
+    checkpoint: bool = _f(True, "Write <run dir>/checkpoint.pt after every round (atomic).")
+    resume: bool = _f(False, "Continue the run named run.name from its last checkpoint.")
 
 
 @dataclass
@@ -412,6 +414,9 @@ def _cross_checks(v: Mapping[str, Any]) -> list[str]:
             problems.append(f"`prune.client-targets`: {t!r} is not a fraction in [0, 1)")
     if v["prune.end-round"] and v["prune.end-round"] < v["prune.start-round"]:
         problems.append("`prune.end-round` is before `prune.start-round`")
+    if v["run.resume"] and not v["run.name"]:
+        problems.append("`run.resume`: name the run to resume with run.name=<its directory "
+                        "name> (under run.output-dir)")
     if v["train.fraction"] == 0.0:
         problems.append("`train.fraction`: 0 trains no client; use a value in (0, 1]")
     return problems

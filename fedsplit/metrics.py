@@ -19,7 +19,7 @@ from fedsplit.config import project_root, to_yaml
 
 
 class RunWriter:
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, resume: bool = False) -> None:
         name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
         base = Path(cfg.run.output_dir).expanduser()
         if not base.is_absolute():
@@ -28,10 +28,19 @@ class RunWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(to_yaml(cfg))
         self.metrics_path = self.dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
         self.clients_path = self.dir / "clients.jsonl"
-        self.clients_path.write_text("")
+        if not resume:
+            self.metrics_path.write_text("")
+            self.clients_path.write_text("")
         self.rows: list[dict[str, Any]] = []
+
+    def restore(self, rows: list[dict[str, Any]], last_round: int) -> None:
+        """Resume: keep the checkpoint's rows, drop lines of rounds after it."""
+        self.rows = list(rows)
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        kept = [line for line in self.clients_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["round"] <= last_round]
+        self.clients_path.write_text("".join(line + "\n" for line in kept))
 
     def add(self, row: dict[str, Any], clients: list[dict[str, Any]] = ()) -> None:
         """One round's row, and optionally each client's own metrics for the round."""

@@ -16,9 +16,11 @@ Subclasses customise the hooks ``sample_clients`` and ``client_config``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any
@@ -27,8 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common import log
 from flwr.common.serde import array_record_to_proto
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.serverapp.strategy import FedAvg, Result
 
 import torch
 from omegaconf import DictConfig
@@ -47,6 +48,8 @@ KEY_SEED = "channel-seed"
 KEY_ROUND = "server-round"
 KEY_NUM_EXAMPLES = "num-examples"
 KEY_CODECS = "channel-codecs"  # JSON [up, down]: this client's codec specs
+KEY_CURSOR = "data-cursor"  # samples this client consumed so far (its place in its data)
+KEY_CLIENT = "client-key"  # the stable name of a client (query reply)
 
 
 def array_record_bytes(record: ArrayRecord) -> int:
@@ -104,6 +107,11 @@ class SplitFedAvg(FedAvg):
         # union of kept elements after the last mask-aware aggregation.
         self._reference: dict[str, torch.Tensor] = {}
         self.global_masks: dict[str, torch.Tensor] | None = None
+        # Clients by a stable key (partition id / node name), learned by one query at the
+        # start: node ids are random per run, keys are not, so sampling, data cursors and
+        # checkpoints survive a restart.
+        self.keys: dict[int, str] = {}
+        self.cursors: dict[str, int] = {}
 
     def summary(self) -> None:
         super().summary()
@@ -114,11 +122,39 @@ class SplitFedAvg(FedAvg):
 
     # ------------------------------------------------------------------ hooks
     def sample_clients(self, server_round: int, grid: Grid) -> list[int]:
-        """Which nodes train this round (default: FedAvg's uniform sample)."""
-        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
-        sample_size = max(num_nodes, self.min_train_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
-        return sorted(node_ids)
+        """Which nodes train this round (default: a uniform sample of ``train.fraction``).
+
+        The sample is drawn over client keys with a generator seeded by (run seed, round),
+        so it is the same in a resumed run and does not depend on random node ids.
+        """
+        self.discover(grid)
+        by_key = {k: n for n, k in self.keys.items() if n in set(grid.get_node_ids())}
+        size = max(int(len(by_key) * self.fraction_train), self.min_train_nodes)
+        size = min(size, len(by_key))
+        rng = random.Random(f"{self.cfg.run.seed}-{server_round}")
+        return [by_key[k] for k in sorted(rng.sample(sorted(by_key), size))]
+
+    def discover(self, grid: Grid) -> None:
+        """Wait for ``train.min-clients`` nodes, then ask new ones for their client key."""
+        while len(list(grid.get_node_ids())) < self.min_available_nodes:
+            log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).",
+                len(list(grid.get_node_ids())), self.min_available_nodes)
+            time.sleep(1)
+        new = [n for n in grid.get_node_ids() if n not in self.keys]
+        if not new:
+            return
+        queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
+                   for n in new]
+        for reply in grid.send_and_receive(queries, timeout=self.round_timeout):
+            node = reply.metadata.src_node_id
+            key = str(node)  # a ClientApp without fedsplit's query handler
+            if not reply.has_error():
+                for rec in reply.content.config_records.values():
+                    key = str(rec.get(KEY_CLIENT, key))
+            self.keys[node] = key
+
+    def client_key(self, node_id: int) -> str:
+        return self.keys.get(node_id, str(node_id))
 
     def client_config(self, server_round: int, node_id: int) -> dict[str, Any]:
         """Per-client additions to the train ConfigRecord (default: none)."""
@@ -145,6 +181,49 @@ class SplitFedAvg(FedAvg):
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return ArrayRecord(state), metrics
 
+    # ------------------------------------------------------------------ run loop
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              start_round: int = 1,
+              on_round_end: Callable[[int, ArrayRecord], None] | None = None) -> Result:
+        """FedAvg's round loop, able to start at ``start_round`` (resume) and with a hook
+        after each round (checkpoints). Federated evaluation is not used: the server
+        evaluates the global split model itself (``evaluate_fn``)."""
+        del evaluate_config
+        log(INFO, "Starting %s strategy (rounds %d..%d):", type(self).__name__, start_round,
+            num_rounds)
+        self.summary()
+        result, arrays = Result(), initial_arrays
+        train_config = train_config or ConfigRecord()
+        for server_round in range(start_round, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(server_round, arrays, train_config, grid),
+                timeout=timeout)
+            agg_arrays, agg_metrics = self.aggregate_train(server_round, replies)
+            if agg_arrays is not None:
+                arrays = result.arrays = agg_arrays
+            if agg_metrics is not None:
+                result.train_metrics_clientapp[server_round] = agg_metrics
+            if evaluate_fn is not None:
+                res = evaluate_fn(server_round, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[server_round] = res
+            if on_round_end is not None:
+                on_round_end(server_round, arrays)
+        result.arrays = arrays
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs from the strategy (see fedsplit.server.checkpoint)."""
+        return {"cursors": dict(self.cursors), "global_masks": self.global_masks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursors = dict(state["cursors"])
+        self.global_masks = state["global_masks"]
+
     # ------------------------------------------------------------------ Flower API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -153,10 +232,16 @@ class SplitFedAvg(FedAvg):
         node_ids = self.sample_clients(server_round, grid)
         stats.clients = [str(n) for n in node_ids]
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
+        torch.manual_seed(self.cfg.run.seed * 100_003 + server_round)  # server-side dropout
         self.channel.trainer.begin_round(server_round)
         codecs = {str(n): self.client_codecs(server_round, n) for n in node_ids}
+        # Codec seeds (dropout positions, rounding noise) are derived, not random, so runs
+        # repeat exactly; the tokens stay random.
+        seeds = {str(n): int.from_bytes(hashlib.sha256(
+            f"{self.cfg.run.seed}-{server_round}-{self.client_key(n)}".encode()).digest()[:7],
+            "little") for n in node_ids}
         tickets = self.channel.open_round(server_round, stats.clients, self.round_timeout,
-                                          codecs=codecs)
+                                          codecs=codecs, seeds=seeds)
         arrays, self._reference = encode_global(self.cfg, arrays, self.global_masks)
         sync = array_record_bytes(arrays)
         messages = []
@@ -169,6 +254,7 @@ class SplitFedAvg(FedAvg):
             record[KEY_TOKEN] = ticket.token
             record[KEY_SEED] = ticket.seed
             record[KEY_CODECS] = json.dumps(codecs[str(node_id)])
+            record[KEY_CURSOR] = self.cursors.get(self.client_key(node_id), 0)
             for key, value in self.client_config(server_round, node_id).items():
                 record[key] = value
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: record})
@@ -197,6 +283,10 @@ class SplitFedAvg(FedAvg):
                                  for m in replies if not m.has_error()
                                  for rec in m.content.metric_records.values()]
         stats.traffic = self.channel.close_round()
+        for node, traffic in stats.traffic.items():
+            if traffic.finished:  # a client that dropped out redoes its samples
+                key = self.client_key(int(node))
+                self.cursors[key] = self.cursors.get(key, 0) + traffic.examples
         stats.server_metrics = self.channel.trainer.end_round()
         stats.train_metrics = dict(metrics) if metrics is not None else {}
         stats.trained = time.monotonic()

@@ -136,8 +136,13 @@ class SplitChannelServer:
 
     # ------------------------------------------------------------------ rounds
     def open_round(self, server_round: int, clients: list[str], timeout: float,
-                   codecs: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Ticket]:
-        """Issue fresh tokens for ``clients``; tokens of earlier rounds stop working."""
+                   codecs: dict[str, tuple[Any, Any]] | None = None,
+                   seeds: dict[str, int] | None = None) -> dict[str, Ticket]:
+        """Issue fresh tokens for ``clients``; tokens of earlier rounds stop working.
+
+        ``seeds`` (per client) seed the codecs; random when not given. Tokens are always
+        random.
+        """
         expires = time.monotonic() + timeout
         tickets = {}
         with self._lock:
@@ -145,7 +150,8 @@ class SplitChannelServer:
                 sess.open = False
             self._sessions = {}
             for client in clients:
-                token, seed = secrets.token_urlsafe(24), secrets.randbits(63)
+                token = secrets.token_urlsafe(24)
+                seed = (seeds or {}).get(client, secrets.randbits(63))
                 up, down = (codecs or {}).get(client, self.codec_specs)
                 self._sessions[token] = _Session(client, server_round, seed, expires,
                                                  build_codec(up), build_codec(down))

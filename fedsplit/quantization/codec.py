@@ -366,6 +366,9 @@ def _decode(data: bytes | bytearray | memoryview) -> tuple[
             raise UpdateFormatError(f"Entry {name!r}: unknown dtype code {dtype_code}.")
         dtype = dtypes[name] = _DTYPES[dtype_code]
         shape = reader.unpack(f"<{ndim}I", f"entry {name!r} shape")
+        if _numel(tuple(max(d, 1) for d in shape)) >= 2**48:
+            # Even with a zero dimension, torch cannot lay out such a tensor.
+            raise UpdateFormatError(f"Entry {name!r}: implausible shape {tuple(shape)}.")
         n = _numel(shape)
         if kind == KIND_RAW and not dtype.is_floating_point:
             itemsize = torch.empty((), dtype=dtype).element_size()

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsplit.channel import SplitChannelServer
 from fedsplit.metrics import RunWriter
+from fedsplit.server import checkpoint
 from fedsplit.server.trainer import build_trainer
 from fedsplit.task import Task, evaluate, seed_everything, with_resolved_paths
 from strategies import STRATEGIES
@@ -45,14 +46,33 @@ def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
     _, test_set = task.datasets()
     test_loader = task.loader(task.encode(test_set), cfg.eval.batch_size, shuffle=False)
     trainer = build_trainer(cfg.train.mode, split.server, cfg.train, cfg.model.num_labels)
-    writer = RunWriter(cfg)
+    writer = RunWriter(cfg, resume=cfg.run.resume)
     log.info("fedsplit run directory: %s", writer.dir)
+    initial = ArrayRecord(split.client.state_dict())
+    start_round, saved = 1, None
+    if cfg.run.resume:
+        saved = checkpoint.load(writer.dir)
+        start_round = saved["round"] + 1
+        initial = ArrayRecord(saved["client_segment"])
+        trainer.load_state_dict(saved["server_trainer"])
+        writer.restore(saved["metrics"], saved["round"])
+        log.info("resuming %s after round %d", writer.dir, saved["round"])
 
     codec_up = OmegaConf.to_container(cfg.codec, resolve=True)["up"]
     codec_down = OmegaConf.to_container(cfg.codec, resolve=True)["down"]
     with SplitChannelServer(trainer, cfg.channel, codec_up, codec_down,
                             credentials=channel_credentials(cfg.channel)) as channel:
         strategy = STRATEGIES.get("splitfed")(channel, cfg)
+        if saved is not None:
+            strategy.load_state_dict(saved["strategy"])
+            checkpoint.set_rng_state(saved["rng"])
+
+        def on_round_end(server_round: int, arrays: ArrayRecord) -> None:
+            if cfg.run.checkpoint:
+                checkpoint.save(writer.dir, {
+                    "round": server_round, "client_segment": arrays.to_torch_state_dict(),
+                    "server_trainer": trainer.state_dict(), "strategy": strategy.state_dict(),
+                    "metrics": writer.rows, "rng": checkpoint.rng_state()})
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round == 0:
@@ -94,7 +114,7 @@ def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
             return MetricRecord({k: float(v) for k, v in row.items()
                                  if isinstance(v, (int, float)) and v is not None})
 
-        strategy.start(grid, ArrayRecord(split.client.state_dict()),
-                       num_rounds=cfg.train.rounds, timeout=cfg.train.round_timeout,
-                       evaluate_fn=evaluate_fn)
+        strategy.start(grid, initial, num_rounds=cfg.train.rounds,
+                       timeout=cfg.train.round_timeout, evaluate_fn=evaluate_fn,
+                       start_round=start_round, on_round_end=on_round_end)
     return writer

@@ -73,6 +73,13 @@ class ServerTrainer(ABC):
     def begin_round(self, server_round: int) -> None:
         self.server_round = server_round
 
+    def state_dict(self) -> dict[str, Any]:
+        """The global server segment (and optimizer state where it persists)."""
+        return {"segment": self.segment.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.segment.load_state_dict(state["segment"])
+
     @abstractmethod
     def step(self, client: str, hidden: torch.Tensor, side: dict[str, torch.Tensor],
              labels: torch.Tensor, step: int = 0) -> StepResult:
@@ -228,6 +235,13 @@ class SFLV2Trainer(ServerTrainer):
             metrics = {"server_examples": self._examples}
             self._examples = 0.0
             return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def build_trainer(mode: str, segment: nn.Module, train_cfg: Any, num_labels: int) -> ServerTrainer:
