@@ -31,12 +31,13 @@ import statistics
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from fedsplit.allocation import (  # noqa: E402
+from fedsplit.allocation import (
     Allocation,
     AllocationError,
     DeviceProfile,
@@ -86,7 +87,7 @@ def segment_bytes(config: str, cuts: list[int]) -> tuple[dict[int, int], int]:
     out, hidden = {}, 0
     for cut in cuts:
         model = build_model(cfg.model, pretrained=False)
-        hidden = model.config.hidden_size
+        hidden = int(model.config.hidden_size)  # type: ignore[union-attr,arg-type]
         client = split_model(model, cut).client
         out[cut] = array_record_to_proto(ArrayRecord(client.state_dict())).ByteSize()
     return out, hidden
@@ -112,6 +113,13 @@ def gain(alloc: Allocation, uniform: Allocation) -> float:
     return 1.0 - alloc.latency / uniform.latency
 
 
+def compare(fleet: dict[str, DeviceProfile], costs: ModelCosts, budget: float, steps: int,
+            shared: bool) -> tuple[Allocation, Allocation]:
+    """(allocator, best uniform cut) for one fleet."""
+    return (allocate(fleet, costs, budget, steps, server_shared=shared),
+            best_uniform_cut(fleet, costs, budget, steps, server_shared=shared))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,12 +143,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out the per-round client segment transfer")
     parser.add_argument("--server-parallel", action="store_true",
                         help="give every client its own server capacity (no shared W)")
+    parser.add_argument("--details", action="store_true", help="per-client tables")
+    parser.add_argument("--grid", default="10,25,50,100",
+                        help="fleet sizes of the scenario grid ('' to skip it)")
     parser.add_argument("--out", default="", help="write the numbers as JSON here")
     args = parser.parse_args(argv)
 
     kinds = load_profiles(args.profiles)
     servers = load_servers(args.profiles)
-    names = sorted(servers) if args.server == "all" else [args.server]
+    names = list(servers) if args.server == "all" else [args.server]
     if any(n not in servers for n in names):
         parser.error(f"--server {args.server!r}: the file has {sorted(servers)}")
     cuts = list(range(args.min_cut, args.max_cut + 1))
@@ -150,26 +161,24 @@ def main(argv: list[str] | None = None) -> int:
     upd = None if args.no_sync else sync
     shared = not args.server_parallel
     print(f"exact bytes per batch: up {up:,} (STEP frame), down {down:,} (GRAD frame); "
-          f"client segment per round (each way): "
+          "client segment per round, each way: "
           + (", ".join(f"cut {c}: {b:,}" for c, b in sync.items()) if upd else "not modelled"))
-    print(f"{args.clients} clients, {args.steps} steps/round, shared uplink "
-          f"{args.budget_mbps:g} Mbps, server work {'serialised' if shared else 'parallel'}")
-
-    report: dict[str, object] = {"args": vars(args), "bytes_up": up, "bytes_down": down,
-                                 "segment_bytes": sync, "servers": {}}
+    print(f"{args.steps} steps/round, shared uplink {args.budget_mbps:g} Mbps, server work "
+          f"{'serialised' if shared else 'parallel'}, cuts {cuts[0]}..{cuts[-1]}")
     fleet = draw_fleet(kinds, args.clients, args.seed)
-    print("fleet (seed {}): {}".format(args.seed, dict(Counter(p.name for p in fleet.values()))))
+    print(f"fleet (seed {args.seed}, {args.clients} clients): "
+          f"{dict(sorted(Counter(p.name for p in fleet.values()).items()))}")
+
+    report: dict[str, Any] = {"args": vars(args), "bytes_up": up, "bytes_down": down,
+                              "segment_bytes": sync, "servers": {}, "grid": []}
+    all_costs = {name: ModelCosts.from_server(servers[name], cuts, bytes_up=lambda c: up,
+                                              bytes_down=lambda c: down,
+                                              update_bytes_up=upd, update_bytes_down=upd)
+                 for name in names}
     for name in names:
-        costs = ModelCosts.from_server(servers[name], cuts, bytes_up=lambda c: up,
-                                       bytes_down=lambda c: down, update_bytes_up=upd,
-                                       update_bytes_down=upd)
-
-        def run(profiles: dict[str, DeviceProfile], budget: float) -> tuple[Allocation, Allocation]:
-            return (allocate(profiles, costs, budget, args.steps, server_shared=shared),
-                    best_uniform_cut(profiles, costs, budget, args.steps, server_shared=shared))
-
-        print(f"\n## server: {name}\n")
-        print("| assignment | round latency s | server work s | bound by | cuts |")
+        costs = all_costs[name]
+        print(f"\n## server: {name} ({servers[name].source})\n")
+        print("| assignment | round latency s | server work s | set by | cuts |")
         print("|---|---:|---:|---|---|")
         rows = {}
         for cut in cuts:
@@ -182,31 +191,43 @@ def main(argv: list[str] | None = None) -> int:
             rows[f"uniform-{cut}"] = u.latency
             print(f"| uniform cut {cut} | {u.latency:.1f} | {u.server_load_s:.1f} | "
                   f"{u.binding} | all {cut} |")
-        alloc, best = run(fleet, args.budget_mbps)
+        alloc, best = compare(fleet, costs, args.budget_mbps, args.steps, shared)
         rows["allocator"] = alloc.latency
         print(f"| **allocator** | **{alloc.latency:.1f}** | {alloc.server_load_s:.1f} | "
               f"{alloc.binding} | {describe(alloc)} |")
-        print(f"\nallocator vs best uniform cut ({best.cuts[next(iter(best.cuts))]}): "
-              f"{100 * gain(alloc, best):.1f} % lower round latency "
-              f"({alloc.searches} feasibility checks)\n")
-        print(alloc.table())
-
-        gains = [gain(*run(draw_fleet(kinds, args.clients, s), args.budget_mbps))
-                 for s in range(args.seeds)]
-        print(f"\ngain over the best uniform cut, {args.seeds} random fleets: min "
+        best_cut = next(iter(best.cuts.values()))
+        print(f"\nallocator vs best uniform cut ({best_cut}): {100 * gain(alloc, best):.1f} % "
+              f"lower round latency ({alloc.searches} feasibility checks)")
+        if args.details:
+            print("\n" + alloc.table())
+        gains = [gain(*compare(draw_fleet(kinds, args.clients, s), costs, args.budget_mbps,
+                               args.steps, shared)) for s in range(args.seeds)]
+        print(f"over {args.seeds} random fleets of {args.clients}: gain min "
               f"{100 * min(gains):.1f} %, median {100 * statistics.median(gains):.1f} %, "
               f"max {100 * max(gains):.1f} %")
-        budgets = [50.0, 100.0, args.budget_mbps, 1000.0, math.inf]
-        print("\n| shared uplink Mbps | best uniform s | allocator s | gain |")
-        print("|---:|---:|---:|---:|")
-        sweep = {}
-        for b in sorted(set(budgets)):
-            a, u = run(fleet, b)
-            sweep[str(b)] = {"uniform": u.latency, "allocator": a.latency}
-            print(f"| {b:g} | {u.latency:.1f} | {a.latency:.1f} | {100 * gain(a, u):.1f} % |")
-        report["servers"][name] = {  # type: ignore[index]
-            "rows": rows, "best_uniform": best.latency, "allocator": alloc.latency,
-            "cuts": alloc.cuts, "bandwidth": alloc.bandwidth, "gains": gains, "sweep": sweep}
+        report["servers"][name] = {"rows": rows, "best_uniform": best.latency,
+                                   "allocator": alloc.latency, "cuts": alloc.cuts,
+                                   "bandwidth": alloc.bandwidth, "gains": gains}
+
+    sizes = [int(x) for x in args.grid.split(",") if x.strip()]
+    if sizes:
+        budgets = [args.budget_mbps, math.inf]
+        print("\n## When does per-client allocation pay? Median gain over the best uniform "
+              "cut, 5 random fleets per cell\n")
+        print("| server | " + " | ".join(f"{n} clients, {b:g} Mbps" for n in sizes
+                                         for b in budgets) + " |")
+        print("|---|" + "---:|" * (len(sizes) * len(budgets)))
+        for name in names:
+            cells = []
+            for n in sizes:
+                for b in budgets:
+                    g = statistics.median(
+                        gain(*compare(draw_fleet(kinds, n, s), all_costs[name], b, args.steps,
+                                      shared)) for s in range(5))
+                    cells.append(f"{100 * g:.1f} %")
+                    report["grid"].append({"server": name, "clients": n, "budget": b,
+                                           "median_gain": g})
+            print(f"| {name} | " + " | ".join(cells) + " |")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     return 0

@@ -59,3 +59,39 @@ def cnn_segment() -> nn.Sequential:
 def make_cnn_segment():
     """``make_cnn_segment(batchnorm=False)`` -> a fresh digits CNN client segment."""
     return digits_cnn_segment
+
+
+def _ray_pids() -> set[int]:
+    """Live (non-zombie) Ray processes on this machine."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True)
+    return {int(line.split()[0]) for line in out.stdout.splitlines()
+            if any(k in line for k in ("raylet", "gcs_server", "ray::", "ray/dashboard"))
+            and line.split()[1][0] != "Z"}
+
+
+@pytest.fixture
+def no_leftover_ray():
+    """Fails the test if Ray processes it started are still alive 20 s after it ends.
+
+    Yields a function that force-kills the new ones (for tests that kill a driver).
+    """
+    import os
+    import signal
+    import time
+
+    before = _ray_pids()
+
+    def kill_new() -> None:
+        for pid in _ray_pids() - before:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    yield kill_new
+    deadline = time.monotonic() + 20  # Ray reaps its workers asynchronously
+    while _ray_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _ray_pids() - before == set(), "the test left Ray processes running"

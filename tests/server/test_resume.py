@@ -21,23 +21,15 @@ SAME = ("round", "accuracy", "loss", "bytes_up", "bytes_down", "cut_bytes_up",
         "cut_bytes_down", "sync_bytes_up", "sync_bytes_down", "examples", "train_loss")
 
 
-def _ray_pids() -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True)
-    return {int(line.split()[0]) for line in out.stdout.splitlines()
-            if any(k in line for k in ("raylet", "gcs_server", "ray::", "ray/dashboard",
-                                        "ray/_private"))
-            and line.split()[1][0] != "Z"}
-
-
 @pytest.mark.slow
 @pytest.mark.ci
-def test_kill_after_round_two_and_resume_gives_the_uninterrupted_metrics(tmp_path):
+def test_kill_after_round_two_and_resume_gives_the_uninterrupted_metrics(tmp_path,
+                                                                        no_leftover_ray):
     common = ["configs/default.yaml", "--clients", "2", f"run.output-dir={tmp_path}",
               "train.rounds=4", "run.progress=false"]
     full = simulate(common[0], common[3:] + ["run.name=full"], clients=2)
     expected = read_metrics(full)
 
-    before = _ray_pids()
     proc = subprocess.Popen([sys.executable, "-m", "fedsplit.simulate", "--config", *common,
                              "run.name=cut"], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -52,11 +44,7 @@ def test_kill_after_round_two_and_resume_gives_the_uninterrupted_metrics(tmp_pat
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the server dies mid-run, with its Ray
         proc.wait()
-        for pid in _ray_pids() - before:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        no_leftover_ray()  # the killed driver's Ray workers
     done = torch.load(ckpt, weights_only=False)["round"]
     assert 2 <= done < 4, f"killed after round {done}"
 
@@ -65,7 +53,6 @@ def test_kill_after_round_two_and_resume_gives_the_uninterrupted_metrics(tmp_pat
     assert [r["round"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(expected, got):
         assert {k: a[k] for k in SAME} == {k: b[k] for k in SAME}
-    assert _ray_pids() - before == set()
 
 
 def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
