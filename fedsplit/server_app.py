@@ -14,6 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsplit.config import load_config
+from fedsplit.preflight import preflight
 from fedsplit.server.app import serve
 
 
@@ -28,6 +29,7 @@ def make_server_app(overrides: dict[str, Any] | list[str] | None = None,
             cfg = load_config(overrides=dict(context.run_config))
         else:
             cfg = load_config(path, overrides)
+        preflight(cfg)  # bad data paths, model folder, cut: fail before any training
         serve(grid, cfg)
 
     return server_app

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsplit.config import ConfigError, load_config, parse_overrides
+from fedsplit.preflight import preflight
 
 
 def simulate(config: str | None = None, overrides: list[str] | dict[str, Any] | None = None,
@@ -27,12 +28,13 @@ def simulate(config: str | None = None, overrides: list[str] | dict[str, Any] | 
     from fedsplit.server_app import make_server_app
 
     over = parse_overrides(overrides)
-    cfg = load_config(config, over)  # fail before Ray starts
-    if not over.get("run.name"):
+    cfg = load_config(config, over)
+    if not cfg.run.name:  # name it here, so the run directory is known afterwards
         import time
 
-        over["run.name"] = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
-    cfg = load_config(config, over)
+        over["run.name"] = time.strftime("%Y%m%d-%H%M%S")
+        cfg = load_config(config, over)
+    preflight(cfg)  # fail before Ray starts
     backend: dict[str, Any] = {"client_resources": {"num_cpus": cpus_per_client,
                                                     "num_gpus": 0.0}}
     if ray_cpus:

@@ -68,6 +68,7 @@ class _Session:
     traffic: Traffic = field(default_factory=Traffic)
     lock: threading.Lock = field(default_factory=threading.Lock)
     open: bool = True
+    peer: str | None = None  # the connection that first used the token
 
 
 class _Reject(Exception):
@@ -173,7 +174,7 @@ class SplitChannelServer:
         return traffic
 
     # ------------------------------------------------------------------ handlers
-    def _session(self, fields: dict[str, bytes]) -> _Session:
+    def _session(self, fields: dict[str, bytes], peer: str = "") -> _Session:
         wire.require(fields, "token")
         token = fields["token"].decode("ascii", errors="replace")
         with self._lock:
@@ -185,11 +186,19 @@ class SplitChannelServer:
         if not sess.open or time.monotonic() > sess.expires:
             raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
                           f"token of round {sess.server_round} has expired")
+        # A token is pinned to the connection that first used it: another client replaying
+        # a token it saw is refused (the owner keeps one persistent connection per round).
+        with sess.lock:
+            if sess.peer is None:
+                sess.peer = peer
+        if peer != sess.peer:
+            raise _Reject(grpc.StatusCode.PERMISSION_DENIED,
+                          "this token is bound to another connection: use your own token")
         return sess
 
     def _guard(self, fn: Any, request: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            return fn(request)
+            return fn(request, context.peer())
         except _Reject as exc:
             self.rejected += 1
             context.abort(exc.code, str(exc))
@@ -204,9 +213,9 @@ class SplitChannelServer:
     def _handle_finish(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         return self._guard(self._finish, request, context)
 
-    def _step(self, request: bytes) -> bytes:
+    def _step(self, request: bytes, peer: str = "") -> bytes:
         _, fields = wire.decode_frame(request, expect=Kind.STEP)
-        sess = self._session(fields)
+        sess = self._session(fields, peer)
         wire.require(fields, "step", "act", "labels")
         with sess.lock:
             if not sess.open:
@@ -247,9 +256,9 @@ class SplitChannelServer:
             t.server_seconds += time.perf_counter() - started
             return response
 
-    def _finish(self, request: bytes) -> bytes:
+    def _finish(self, request: bytes, peer: str = "") -> bytes:
         _, fields = wire.decode_frame(request, expect=Kind.FINISH)
-        sess = self._session(fields)
+        sess = self._session(fields, peer)
         with sess.lock:
             if sess.traffic.finished:
                 raise _Reject(grpc.StatusCode.FAILED_PRECONDITION, "round already finished")

@@ -46,6 +46,9 @@ def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
     _, test_set = task.datasets()
     test_loader = task.loader(task.encode(test_set), cfg.eval.batch_size, shuffle=False)
     trainer = build_trainer(cfg.train.mode, split.server, cfg.train, cfg.model.num_labels)
+    with torch.no_grad():  # one real batch tells the channel what activations look like
+        probe = split.client(next(iter(test_loader)))
+    trainer.expect_like(probe.hidden, variable_length="attention_mask" in probe.side)
     writer = RunWriter(cfg, resume=cfg.run.resume)
     log.info("fedsplit run directory: %s", writer.dir)
     initial = ArrayRecord(split.client.state_dict())

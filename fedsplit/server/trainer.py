@@ -68,6 +68,15 @@ class ServerTrainer(ABC):
         self.loss = loss
         self.server_round = 0
         self._lock = threading.Lock()
+        # Expected activation shape after the batch dim; None = any size (sequence length).
+        self.expected_shape: tuple[int | None, ...] | None = None
+
+    def expect_like(self, hidden: torch.Tensor, variable_length: bool) -> None:
+        """Learn the cut activations' shape from one real batch (e.g. ``(B, T, H)``)."""
+        rest = list(hidden.shape[1:])
+        if variable_length and rest:
+            rest[0] = None  # (B, T, H): T varies with dynamic padding
+        self.expected_shape = tuple(rest)
 
     # ---------------------------------------------------------------- round life
     def begin_round(self, server_round: int) -> None:
@@ -111,6 +120,12 @@ class ServerTrainer(ABC):
         if labels.min() < 0 or labels.max() >= self.num_labels:
             raise BadStepError(f"labels must lie in [0, {self.num_labels}), got "
                                f"[{int(labels.min())}, {int(labels.max())}]")
+        if self.expected_shape is not None:
+            rest = tuple(hidden.shape[1:])
+            if len(rest) != len(self.expected_shape) or any(
+                    e is not None and e != r for e, r in zip(self.expected_shape, rest)):
+                want = ", ".join("*" if e is None else str(e) for e in self.expected_shape)
+                raise BadStepError(f"activations must be (B, {want}), got {tuple(hidden.shape)}")
         if not torch.isfinite(hidden).all():
             raise BadStepError("activations contain NaN or Inf")
         for name, t in side.items():
