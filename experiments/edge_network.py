@@ -1,8 +1,9 @@
-"""Split learning over emulated edge links: round time and bytes, with and without codecs.
+r"""Split learning over emulated edge links: round time and bytes, with and without codecs.
 
     sudo python experiments/edge_network.py                         # 2 devices, 10 Mbit/s, 40 ms
     sudo python experiments/edge_network.py --rate-mbit 5 --rtt-ms 80 --local-epochs 2
-    sudo python experiments/edge_network.py --setting "q8=[{name: quantize, bits: 8}]|{name: quantize, bits: 8}"
+    sudo python experiments/edge_network.py --setting "fp16=fp16|fp16" \
+        --setting "q8={name: quantize, bits: 8, scale: per-tensor}|fp16"
 
 A real deployment (fedsplit.deploy: SuperLink with TLS and SuperNode authentication,
 registered SuperNodes, TLS split channel) where the SuperLink + ServerApp live in one

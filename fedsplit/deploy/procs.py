@@ -1,0 +1,157 @@
+"""Start long-running processes so that all of them can be stopped, even their children.
+
+Flower's daemons start children in sessions of their own (the SuperLink's SuperExec,
+the ServerApp), so killing a process group is not enough. Every process started here
+carries an environment marker (``FEDSPLIT_DEPLOY_ID=<id>``) that its descendants
+inherit; :func:`stop_marked` finds them all through ``/proc`` and ends them: SIGTERM
+first, SIGKILL for what is left after a grace period. Only processes carrying *this*
+deployment's marker are ever signalled.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MARKER_ENV = "FEDSPLIT_DEPLOY_ID"
+
+
+@dataclass
+class Started:
+    """A process started in its own session (process group id = pid)."""
+
+    name: str
+    pid: int
+    cmd: list[str]
+    log: str
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+
+
+def tool_env(extra: Mapping[str, str] | None = None, marker: str | None = None) -> dict[str, str]:
+    """The environment for Flower's tools: this interpreter's ``bin`` first on PATH.
+
+    Flower starts ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by
+    name, so they must resolve to the same installation as the caller's. Telemetry and
+    the update check are off unless the caller's environment sets them.
+    """
+    env = dict(os.environ)
+    # Flower phones home (telemetry events, an update check) unless told not to; a
+    # deployment's processes talk to the SuperLink only.
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.update(extra or {})
+    if marker:
+        env[MARKER_ENV] = marker
+    return env
+
+
+def tool(name: str) -> str:
+    """Absolute path of a console script installed next to this interpreter, if there."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def start(name: str, cmd: Sequence[str], log: str | os.PathLike, env: Mapping[str, str],
+          cwd: str | os.PathLike | None = None) -> Started:
+    """Start ``cmd`` in a new session, stdout and stderr appended to ``log``."""
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=dict(env), cwd=cwd,
+                                start_new_session=True)
+    return Started(name, proc.pid, list(cmd), str(log), proc)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+
+
+def reap(pid: int) -> None:
+    """Collect the exit status of a child of this process (no-op for others)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Live processes whose environment carries ``FEDSPLIT_DEPLOY_ID=marker``."""
+    needle = f"{MARKER_ENV}={marker}".encode()
+    me = os.getpid()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if needle in env.split(b"\0") and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)  # started here: the pid is its group id
+    except OSError:
+        pass
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+def stop_marked(marker: str, pids: Sequence[int] = (), grace: float = 10.0) -> list[int]:
+    """End every process of a deployment; return the pids that had to be SIGKILLed.
+
+    ``pids`` are the processes started directly (their process groups are signalled
+    too); all other processes carrying ``marker`` are found through ``/proc``.
+    """
+    targets = set(pids) | set(marked_pids(marker))
+    for pid in sorted(targets):
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        for pid in pids:
+            reap(pid)
+        targets = {p for p in targets | set(marked_pids(marker)) if alive(p)}
+        if not targets:
+            return []
+        time.sleep(0.2)
+    killed = sorted(targets)
+    for pid in killed:
+        _signal(pid, signal.SIGKILL)
+    for _ in range(50):
+        for pid in pids:
+            reap(pid)
+        if not any(alive(p) for p in killed) and not marked_pids(marker):
+            break
+        time.sleep(0.1)
+    return killed
+
+
+def tail(path: str | os.PathLike, lines: int = 30) -> str:
+    """The last lines of a log file ('' if it does not exist)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
