@@ -42,6 +42,11 @@ ROWS: dict[str, list[str]] = {
                 "codec.down=[drop-padding]"],
     "bneck16-q8": ["model.bottleneck-rank=16", f"codec.up={DP_Q8}", f"codec.down={DP_Q8}"],
     "bneck32-q8": ["model.bottleneck-rank=32", f"codec.up={DP_Q8}", f"codec.down={DP_Q8}"],
+    "bneck64-q4": ["model.bottleneck-rank=64", f"codec.up={DP_Q4}", f"codec.down={DP_Q4}"],
+    "bneck32p-q8": ["model.bottleneck-rank=32", "model.bottleneck-residual=projected",
+                    f"codec.up={DP_Q8}", f"codec.down={DP_Q8}"],
+    "bneck64p-q4": ["model.bottleneck-rank=64", "model.bottleneck-residual=projected",
+                    f"codec.up={DP_Q4}", f"codec.down={DP_Q4}"],
 }
 
 

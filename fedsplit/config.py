@@ -71,6 +71,10 @@ class ModelConfig:
                               "the split layer's first FFN weight is SVD-factored to this rank "
                               "and its FFN residual removed, so (B, T, rank) crosses the cut; "
                               "0 = off.", lo=0)
+    bottleneck_residual: str = _f("none", "The bottleneck layer's FFN residual: `none` "
+                                  "(removed, as published) or `projected` (rebuilt on the "
+                                  "server from the rank-r code by a trainable map).",
+                                  choices=("none", "projected"))
     dropout: float = _f(-1.0, "Override the model's dropout probabilities (-1 keeps them).",
                         lo=-1.0, hi=1.0)
 

@@ -67,7 +67,8 @@ class Task:
         if self.cfg.model.bottleneck_rank:
             from fedsplit.split.bottleneck import split_with_bottleneck
 
-            return split_with_bottleneck(model, self.cfg.model.cut, self.cfg.model.bottleneck_rank)
+            return split_with_bottleneck(model, self.cfg.model.cut, self.cfg.model.bottleneck_rank,
+                                         self.cfg.model.bottleneck_residual)
         return split_model(model, self.cfg.model.cut)
 
     def datasets(self) -> tuple[Any, Any]:

@@ -11,6 +11,12 @@ The *split layer* is the client's last transformer layer. Its first FFN weight
 So the tensor crossing the cut is ``(B, T, r)`` instead of ``(B, T, H)`` (H/r times fewer
 values, both directions). With ``r = rank(W1)`` the factors reproduce ``W1`` exactly; the
 residual removal is a deliberate change of the function that fine-tuning adapts to.
+
+``residual="projected"`` (an option, not the published method) gives the server a
+trainable ``(H, r)`` map initialised to ``V_r S_r^-1/2``, which turns the code back into
+the projection of the attention output on W1's top-r input directions and adds it where
+the residual was: still only ``(B, T, r)`` crosses, but training starts closer to the
+pre-trained function.
 """
 
 from __future__ import annotations
@@ -53,20 +59,28 @@ class BottleneckUp(nn.Module):
     """Server half of the split layer: the rest of the FFN, no residual link."""
 
     def __init__(self, up: nn.Linear, act: nn.Module, w2: nn.Linear, dropout: nn.Module,
-                 norm: nn.Module) -> None:
+                 norm: nn.Module, recon: nn.Linear | None = None) -> None:
         super().__init__()
         self.up, self.act, self.w2, self.dropout, self.norm = up, act, w2, dropout, norm
+        self.recon = recon  # None: the residual link is gone (the published method)
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         del mask  # the FFN is per token
-        return self.norm(self.dropout(self.w2(self.act(self.up(z)))))  # (B, T, H)
+        out = self.dropout(self.w2(self.act(self.up(z))))  # (B, T, H)
+        if self.recon is not None:
+            out = out + self.recon(z)  # low-rank stand-in for the attention residual
+        return self.norm(out)
 
 
-def factor(w1: nn.Linear, rank: int) -> tuple[nn.Linear, nn.Linear]:
-    """SVD-factor ``w1`` into ``down (r, H)`` (no bias) and ``up (I, r)`` (w1's bias)."""
+def factor(w1: nn.Linear, rank: int) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """SVD-factor ``w1`` into ``down (r, H)`` (no bias) and ``up (I, r)`` (w1's bias),
+    plus ``recon (H, r)`` = ``V_r S_r^-1/2`` (``recon(down(x))`` projects x on V_r)."""
     weight = w1.weight.detach().to(torch.float64)  # (I, H)
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)  # (I, k), (k,), (k, H)
     root = s[:rank].sqrt()
+    recon = nn.Linear(rank, w1.in_features, bias=False)
+    with torch.no_grad():
+        recon.weight.copy_((vh[:rank].T / root[None, :]).to(w1.weight.dtype))  # (H, r)
     down = nn.Linear(w1.in_features, rank, bias=False)
     up = nn.Linear(rank, w1.out_features, bias=w1.bias is not None)
     with torch.no_grad():
@@ -74,11 +88,17 @@ def factor(w1: nn.Linear, rank: int) -> tuple[nn.Linear, nn.Linear]:
         up.weight.copy_((u[:, :rank] * root[None, :]).to(w1.weight.dtype))  # (I, r)
         if w1.bias is not None:
             up.bias.copy_(w1.bias)
-    return down, up
+    return down, up, recon
 
 
-def split_with_bottleneck(model: PreTrainedModel, cut: int, rank: int) -> SplitModel:
-    """Split after ``cut`` layers with a rank-``rank`` bottleneck in layer ``cut - 1``."""
+def split_with_bottleneck(model: PreTrainedModel, cut: int, rank: int,
+                          residual: str = "none") -> SplitModel:
+    """Split after ``cut`` layers with a rank-``rank`` bottleneck in layer ``cut - 1``.
+
+    ``residual``: ``"none"`` (removed, as published) or ``"projected"`` (module doc).
+    """
+    if residual not in ("none", "projected"):
+        raise SplitError(f"bottleneck residual {residual!r}: use none or projected")
     splitter = HFEncoderSplitter()
     lo, hi = splitter.cut_range(model)
     if not lo <= cut <= hi:
@@ -91,10 +111,12 @@ def split_with_bottleneck(model: PreTrainedModel, cut: int, rank: int) -> SplitM
     if not 1 <= rank <= max_rank:
         raise SplitError(f"model.bottleneck-rank={rank} is out of range: the split layer's FFN "
                          f"weight is {w1.out_features}x{w1.in_features}, so use 1..{max_rank}")
-    down, up = factor(w1, rank)
+    down, up, recon = factor(w1, rank)
     client = EncoderClient(family, model.config, family.embeddings(model),
                            [*layers[: cut - 1], BottleneckDown(attention, down)])
     server = EncoderServer(family, model.config,
-                           [BottleneckUp(up, act, w2, dropout, norm), *layers[cut:]],
+                           [BottleneckUp(up, act, w2, dropout, norm,
+                                         recon if residual == "projected" else None),
+                            *layers[cut:]],
                            family.head(model))
     return SplitModel(client, server)

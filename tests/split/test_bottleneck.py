@@ -80,3 +80,14 @@ def test_bad_rank_and_cut_name_the_allowed_range():
         split_with_bottleneck(tiny_bert(), 2, rank=17)
     with pytest.raises(SplitError, match="out of range"):
         split_with_bottleneck(tiny_bert(), 4, rank=4)
+
+
+def test_projected_residual_at_full_rank_restores_the_unsplit_model():
+    """With r = H the projection is the identity, so the residual comes back exactly."""
+    b = batch()
+    ref = tiny_bert()
+    expected = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    split = split_with_bottleneck(tiny_bert(), 2, rank=16, residual="projected")
+    cut = split.client(b)
+    assert cut.hidden.shape[-1] == 16
+    assert torch.allclose(split.server(cut.hidden, cut.side), expected, atol=1e-4)
