@@ -36,6 +36,11 @@ ROWS: dict[str, list[str]] = {
                      f"codec.down={DP_Q8}"],
     "dropout50": ["codec.up=[drop-padding, {name: dropout, p: 0.5}]",
                   "codec.down=[drop-padding, {name: dropout, p: 0.5}]"],
+    "dp-q2": ["codec.up=[drop-padding, {name: quantize, bits: 2, scale: per-token}]",
+              "codec.down=[drop-padding, {name: quantize, bits: 2, scale: per-token}]"],
+    "dropout60-q2": [
+        "codec.up=[drop-padding, {name: dropout, p: 0.6}, {name: quantize, bits: 2}]",
+        "codec.down=[drop-padding, {name: dropout, p: 0.6}, {name: quantize, bits: 2}]"],
     "svd16": ["codec.up=[drop-padding, {name: svd, rank: 16, factor-dtype: fp16}]",
               f"codec.down={DP_Q8}"],
     "bneck16": ["model.bottleneck-rank=16", "codec.up=[drop-padding]",
