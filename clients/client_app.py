@@ -1,8 +1,10 @@
 """The fedsplit ClientApp: one Flower train message = one client's whole local round.
 
-The message carries the global client segment, the resolved run config, the split
-channel's address and this client's token and seed. The client loads its data
-partition, trains against the channel, and replies with its segment and metrics.
+The message carries the part of the global model this client trains, its plan (cut and
+training mode: split, local-loss, u-shaped or full), the resolved run config with this
+client's overrides, the split channel's address and this client's token and seed. The
+client loads its data partition, trains (against the channel, or alone in ``full``
+mode), and replies with what it trained and its metrics.
 """
 
 from __future__ import annotations
@@ -18,24 +20,42 @@ from flwr.clientapp import ClientApp
 
 from clients.lightweight import SegmentCompression
 from clients.memory import MemoryMeter
-from clients.trainer import Cursor, schedule, train_local
+from clients.trainer import (
+    Cursor,
+    schedule,
+    train_full,
+    train_local,
+    train_local_loss,
+    train_u_shaped,
+)
 from fedsplit.channel import SplitChannelClient
 from fedsplit.config import load_config
 from fedsplit.deploy.data import NODE_DATA_PATH, load_device_partition
+from fedsplit.models import build_model
 from fedsplit.optim import make_optimizer, run_progress, set_lr
+from fedsplit.split import full_forward
+from fedsplit.split.layout import AuxHead, ClientPlan, client_layout
 from fedsplit.sync import decode_global
 from fedsplit.task import Task
-from strategies.splitfed import (
+from strategies.protocol import (
     KEY_ADDRESS,
     KEY_CLIENT,
     KEY_CODECS,
     KEY_CURSOR,
+    KEY_DEVICE,
+    KEY_OVERRIDES,
+    KEY_PARTITION,
+    KEY_PLAN,
     KEY_ROUND,
     KEY_RUN_CONFIG,
     KEY_SEED,
     KEY_TOKEN,
     array_record_bytes,
 )
+
+# Config sections only the server reads: a client need not have the strategy's code
+# (a user's `package.module:Class`) or the fleet's profile file.
+SERVER_SECTIONS = ("strategy.", "fleet.")
 
 app = ClientApp()
 
@@ -83,15 +103,33 @@ def client_key(context: Context) -> str:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server who this client is (asked once per run, see SplitFedAvg.discover)."""
-    return Message(content=RecordDict({"info": ConfigRecord({KEY_CLIENT: client_key(context)})}),
-                   reply_to=msg)
+    """Tell the server who this client is (asked once per run, see SplitFedAvg.discover):
+    its stable key, its device kind (node config ``device-profile``) and partition id."""
+    node = context.node_config
+    info = ConfigRecord({KEY_CLIENT: client_key(context),
+                         KEY_DEVICE: str(node.get("device-profile", "") or ""),
+                         KEY_PARTITION: int(node.get("partition-id", -1))})
+    return Message(content=RecordDict({"info": info}), reply_to=msg)
+
+
+def round_config(config: ConfigRecord) -> tuple[Any, ClientPlan]:
+    """This client's run config (the run's, minus server-only sections, plus its own
+    overrides and its plan's cut) and its plan."""
+    flat = {k: v for k, v in json.loads(str(config[KEY_RUN_CONFIG])).items()
+            if not k.startswith(SERVER_SECTIONS)}
+    flat.update(json.loads(str(config.get(KEY_OVERRIDES, "{}"))))
+    if KEY_PLAN in config:
+        plan = ClientPlan.from_json(str(config[KEY_PLAN]))
+    else:  # a server from before plans: split training at the run's cut
+        plan = ClientPlan(int(flat.get("model.cut", 2)))
+    flat["model.cut"] = plan.cut
+    return load_config(overrides=flat), plan
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    cfg = load_config(overrides=json.loads(str(config[KEY_RUN_CONFIG])))
+    cfg, plan = round_config(config)
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     pid = int(context.node_config.get("partition-id", 0))
@@ -101,11 +139,13 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(int(config[KEY_SEED]))  # client-side dropout repeats in a rerun
     task = Task(cfg)
     part = client_partition(task, context)
-    split = task.split(pretrained=False)
+    layout = client_layout(build_model(cfg.model, pretrained=False), cfg)
     reference = decode_global(msg.content["arrays"])  # exactly what the server sent
-    split.client.load_state_dict(reference, strict=True)
+    aux = AuxHead.from_state(reference, "aux.") if plan.mode == "local-loss" else None
+    held = layout.client_module(plan, aux)  # what this client trains under its plan
+    held.load_state_dict(reference, strict=True)
     light = SegmentCompression(cfg, server_round, pid, context.node_config)
-    segment = light.prepare(split.client)  # pruned / smaller / fake-quantized this round
+    segment = light.prepare(held)  # pruned / smaller / fake-quantized this round
 
     # The server tracks how many samples this client consumed (it survives restarts).
     consumed = int(config.get(KEY_CURSOR, 0))
@@ -120,11 +160,13 @@ def train(msg: Message, context: Context) -> Message:
     optimizer = make_optimizer(segment.parameters(), cfg.train)
     light.attach(segment, optimizer)
     meter = MemoryMeter(segment, optimizer)
-    codec_up, codec_down = json.loads(str(config[KEY_CODECS]))
-    channel = SplitChannelClient(str(config[KEY_ADDRESS]), str(config[KEY_TOKEN]),
-                                 int(config[KEY_SEED]), codec_up, codec_down,
-                                 max_message_mb=cfg.channel.max_message_mb,
-                                 root_certificates=root_certificates(cfg, context))
+    channel = None
+    if plan.uses_channel:
+        codec_up, codec_down = json.loads(str(config[KEY_CODECS]))
+        channel = SplitChannelClient(str(config[KEY_ADDRESS]), str(config[KEY_TOKEN]),
+                                     int(config[KEY_SEED]), codec_up, codec_down,
+                                     max_message_mb=cfg.channel.max_message_mb,
+                                     root_certificates=root_certificates(cfg, context))
     progress = None
     if cfg.run.progress:
         from tqdm import tqdm
@@ -135,9 +177,16 @@ def train(msg: Message, context: Context) -> Message:
         def lr_at(step: int) -> None:
             set_lr(optimizer, cfg.train, run_progress(cfg.train, server_round, step))
 
-        result = train_local(segment, loader, channel, optimizer, progress, lr_at, meter)
+        if channel is None:
+            result = train_full(segment, lambda batch: full_forward(segment, batch), loader,
+                                optimizer, progress, lr_at, meter)
+        else:
+            trainer = {"split": train_local, "local-loss": train_local_loss,
+                       "u-shaped": train_u_shaped}[plan.mode]
+            result = trainer(segment, loader, channel, optimizer, progress, lr_at, meter)
     finally:
-        channel.close()
+        if channel is not None:
+            channel.close()
         if progress is not None:
             progress.close()
 
@@ -145,8 +194,8 @@ def train(msg: Message, context: Context) -> Message:
                                             seed=int(config[KEY_SEED]) ^ server_round)
     metrics = result.metrics()
     metrics.update({
-        "cut-bytes-up": channel.bytes_up,
-        "cut-bytes-down": channel.bytes_down,
+        "cut-bytes-up": channel.bytes_up if channel is not None else 0,
+        "cut-bytes-down": channel.bytes_down if channel is not None else 0,
         "sync-bytes-down": array_record_bytes(msg.content["arrays"]),
         "sync-bytes-up": array_record_bytes(record),
         "client-setup-seconds": setup_seconds,

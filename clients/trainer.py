@@ -1,11 +1,19 @@
-"""A client's local split training: forward to the cut, exchange, backward.
+"""A client's local training, one function per training mode (``fedsplit.split.layout``).
 
-One call trains the client segment for the round's whole local work against the split
-channel and returns what the client reports to the server in its Flower reply.
+One call trains what the client holds for the round's whole local work and returns what
+the client reports to the server in its Flower reply:
+
+* :func:`train_local` (``split``): forward to the cut, exchange, backward;
+* :func:`train_local_loss` (``local-loss``): train on an auxiliary head's loss, send the
+  activations in the background, never wait for a gradient;
+* :func:`train_u_shaped` (``u-shaped``): front -> server -> tail + loss on the client,
+  and the gradients back the same way; labels stay here;
+* :func:`train_full` (``full``): the whole model, no channel (FedAvg baseline).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -17,6 +25,8 @@ from torch import nn
 
 from clients.memory import MemoryMeter
 from fedsplit.channel import SplitChannelClient
+from fedsplit.split import loss_fn
+from fedsplit.split.layout import LocalLossClient, UShapedClient
 
 
 @dataclass
@@ -27,16 +37,27 @@ class LocalResult:
     correct: int = 0
     compute_seconds: float = 0.0  # client-side forward + backward + optimizer step
     seconds: float = 0.0  # wall time of the whole local training
+    aux_loss_sum: float | None = None  # local-loss: the auxiliary head's own loss ...
+    aux_correct: int = 0  # ... and its correct predictions
 
     def metrics(self) -> dict[str, float]:
         n = max(self.num_examples, 1)
-        return {
+        out = {
             "num-examples": self.num_examples,
             "train-loss": self.loss_sum / n,
             "train-accuracy": self.correct / n,
             "client-seconds-per-batch": self.compute_seconds / max(self.steps, 1),
             "client-seconds": self.seconds,
         }
+        if self.aux_loss_sum is not None:
+            out.update({"aux-loss": self.aux_loss_sum / n, "aux-accuracy": self.aux_correct / n})
+        return out
+
+    def add(self, batch_size: int, loss: float, correct: int) -> None:
+        self.num_examples += batch_size
+        self.steps += 1
+        self.loss_sum += loss * batch_size
+        self.correct += correct
 
 
 @dataclass
@@ -122,3 +143,128 @@ def train_local(segment: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
     channel.finish()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def train_local_loss(module: LocalLossClient, batches: Iterable[dict[str, torch.Tensor]],
+                     channel: SplitChannelClient, optimizer: torch.optim.Optimizer,
+                     progress: Any = None, lr_at: Callable[[int], None] | None = None,
+                     meter: MemoryMeter | None = None,
+                     after_step: Callable[[], None] | None = None,
+                     max_in_flight: int = 4) -> LocalResult:
+    """Local-loss training: the segment learns from its aux head's loss; activations and
+    labels go to the server in the background (at most ``max_in_flight`` queued), and
+    only the server's loss comes back. The reported ``train-loss``/``train-accuracy`` are
+    the server's (the whole model's); ``aux-loss``/``aux-accuracy`` the aux head's."""
+    result = LocalResult(aux_loss_sum=0.0)
+    start = time.perf_counter()
+    module.train()
+    sizes, replies = [], []
+    for batch in batches:
+        if lr_at is not None:
+            lr_at(result.steps)
+        t0 = time.perf_counter()
+        labels = batch["labels"]
+        if meter is not None:
+            with meter.forward():
+                cut, logits = module(batch)  # cut.hidden: (B, ...); logits: (B, C)
+        else:
+            cut, logits = module(batch)
+        loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        result.compute_seconds += time.perf_counter() - t0
+        # The activations of this forward (before the step) travel; nothing waits for them.
+        replies.append(channel.submit(cut.hidden.detach(), cut.side, labels, max_in_flight))
+        b = int(labels.shape[0])
+        sizes.append(b)
+        result.aux_loss_sum += float(loss.detach()) * b  # type: ignore[operator]
+        result.aux_correct += int((logits.detach().argmax(-1) == labels).sum())
+        if progress is not None:
+            progress.update(1)
+    channel.finish()  # waits for every batch in flight first
+    for b, future in zip(sizes, replies, strict=True):
+        reply = future.result()
+        result.add(b, reply.loss, reply.correct)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def train_u_shaped(module: UShapedClient, batches: Iterable[dict[str, torch.Tensor]],
+                   channel: SplitChannelClient, optimizer: torch.optim.Optimizer,
+                   progress: Any = None, lr_at: Callable[[int], None] | None = None,
+                   meter: MemoryMeter | None = None,
+                   after_step: Callable[[], None] | None = None) -> LocalResult:
+    """U-shaped training: the labels and the loss never leave this function's process."""
+    result = LocalResult()
+    start = time.perf_counter()
+    module.train()
+    for batch in batches:
+        if lr_at is not None:
+            lr_at(result.steps)
+        labels = batch["labels"]
+        t0 = time.perf_counter()
+        with meter.forward() if meter is not None else _nothing():
+            cut = module.front(batch)  # cut.hidden: (B, ...) at the front cut
+            t1 = time.perf_counter()
+            middle = channel.forward(cut.hidden, cut.side)  # (B, ...) the server's output
+            t2 = time.perf_counter()
+            middle.requires_grad_(True)
+            logits = module.tail(middle, cut.side)  # (B, C)
+        loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # the tail's gradients, and middle.grad
+        assert middle.grad is not None
+        t3 = time.perf_counter()
+        grad = channel.backward(middle.grad)  # gradient at the front cut, (B, ...)
+        t4 = time.perf_counter()
+        cut.hidden.backward(grad)
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        result.compute_seconds += (t1 - t0) + (t3 - t2) + (time.perf_counter() - t4)
+        result.add(int(labels.shape[0]), float(loss.detach()),
+                   int((logits.detach().argmax(-1) == labels).sum()))
+        if progress is not None:
+            progress.update(1)
+    channel.finish()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def train_full(model: nn.Module, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+               batches: Iterable[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+               progress: Any = None, lr_at: Callable[[int], None] | None = None,
+               meter: MemoryMeter | None = None,
+               after_step: Callable[[], None] | None = None) -> LocalResult:
+    """The whole model, locally (FedAvg baseline): ``forward(batch)`` gives the logits."""
+    result = LocalResult()
+    start = time.perf_counter()
+    model.train()
+    for batch in batches:
+        if lr_at is not None:
+            lr_at(result.steps)
+        labels = batch["labels"]
+        t0 = time.perf_counter()
+        with meter.forward() if meter is not None else _nothing():
+            logits = forward(batch)  # (B, C)
+        loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        result.compute_seconds += time.perf_counter() - t0
+        result.add(int(labels.shape[0]), float(loss.detach()),
+                   int((logits.detach().argmax(-1) == labels).sum()))
+        if progress is not None:
+            progress.update(1)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield

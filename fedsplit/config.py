@@ -193,6 +193,28 @@ class QuantConfig:
 
 
 @dataclass
+class StrategyConfig:
+    name: str = _f("", "Strategy: a registered name (`sflv1`, `sflv2`, `local-loss`, "
+                   "`u-shaped`, `fedavg`, `allocator`, `splitfed`, ...) or an importable "
+                   "`package.module:Class` of installed code; empty = the one `train.mode` "
+                   "names. See README, \"Write your own strategy\".")
+    options: Any = _f({}, "Keyword arguments for the strategy class (a mapping; kebab- or "
+                      "snake-case keys), e.g. {cuts: [1, 2, 3]} for per-client cut layers.")
+
+
+@dataclass
+class FleetConfig:
+    profiles: str = _f("", "Device/server profiles (YAML with `devices:` and `servers:` "
+                       "sections, e.g. configs/profiles/mixed_fleet.yaml); relative paths "
+                       "resolve against the project root.")
+    devices: list = _f([], "Device kind of each client by partition id (cycled) when its node "
+                       "config has no `device-profile`; names from the `devices:` section.")
+    server: str = _f("", "Server profile (the `servers:` section) for simulated round latency.")
+    budget_mbps: float = _f(0.0, "Shared uplink budget (Mbps) of simulated round latency; 0 = "
+                            "no shared limit, only each device's own link.", lo=0.0)
+
+
+@dataclass
 class FedsplitConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -203,6 +225,8 @@ class FedsplitConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 # --------------------------------------------------------------------------- keys
@@ -423,6 +447,45 @@ def _cross_checks(v: Mapping[str, Any]) -> list[str]:
                         "name> (under run.output-dir)")
     if v["train.fraction"] == 0.0:
         problems.append("`train.fraction`: 0 trains no client; use a value in (0, 1]")
+    problems += _strategy_and_fleet_checks(v)
+    return problems
+
+
+def _strategy_and_fleet_checks(v: Mapping[str, Any]) -> list[str]:
+    """The `strategy` and `fleet` sections: the strategy resolves and accepts its options,
+    the profiles file reads and names the devices and server asked for."""
+    from strategies import check_strategy  # the registry fills on import
+
+    name = v["strategy.name"] or v["train.mode"]
+    modes = TrainConfig.__dataclass_fields__["mode"].metadata["choices"]
+    # An empty name means train.mode's strategy; a bad train.mode is reported already.
+    problems = check_strategy(name, v["strategy.options"], v) if name in modes or v[
+        "strategy.name"] else []
+    if not v["fleet.profiles"]:
+        for key in ("fleet.devices", "fleet.server"):
+            if v[key]:
+                problems.append(f"`{key}` names profiles, but `fleet.profiles` names no file "
+                                "(e.g. fleet.profiles=configs/profiles/mixed_fleet.yaml)")
+        return problems
+    from fedsplit.allocation import ProfileError, load_profiles, load_servers
+
+    path = resolve_path(v["fleet.profiles"])
+    try:
+        devices = load_profiles(path)
+    except ProfileError as exc:
+        return problems + [f"`fleet.profiles`: {'; '.join(exc.problems)}"]
+    unknown = [d for d in v["fleet.devices"] if d not in devices]
+    if unknown:
+        problems.append(f"`fleet.devices`: {unknown} are not in {path} (devices: "
+                        f"{', '.join(sorted(devices))})")
+    if v["fleet.server"]:
+        try:
+            servers = load_servers(path)
+        except ProfileError as exc:
+            return problems + [f"`fleet.server`: {'; '.join(exc.problems)}"]
+        if v["fleet.server"] not in servers:
+            problems.append(f"`fleet.server`: {v['fleet.server']!r} is not in {path} "
+                            f"(servers: {', '.join(sorted(servers))})")
     return problems
 
 

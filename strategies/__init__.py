@@ -1,11 +1,170 @@
 """Flower strategies for split learning that users can copy and extend.
 
-Strategies register by name in ``STRATEGIES`` and are selected with ``strategy.name``
-in the run config.
+A strategy is a subclass of :class:`strategies.splitfed.SplitFedAvg`. It is selected
+from the run config, without editing fedsplit::
+
+    strategy:
+      name: u-shaped                      # a registered name, or
+      # name: my_package.my_module:MyStrategy   (an importable class of installed code)
+      options: {back-cut: 5}              # keyword arguments of its __init__
+
+Registered here: ``splitfed`` (SplitFedAvg, server route from ``train.mode``),
+``sflv1``, ``sflv2``, ``local-loss``, ``u-shaped``, ``fedavg`` (full-model baseline),
+``allocator`` (per-client cuts from device profiles). An empty ``strategy.name`` picks
+the one ``train.mode`` names. ``strategies/example_custom.py`` is a template.
+
+Everything is checked before training (:func:`check_strategy`, run by config
+validation): the name resolves to a ``SplitFedAvg`` subclass, the options are keyword
+arguments its ``__init__`` (and its bases') accept, and the class's own
+``option_problems`` finds nothing wrong with their values.
 """
 
-from fedsplit.registry import Registry
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from fedsplit.registry import Registry, RegistryError
 
 STRATEGIES: Registry = Registry("strategy")
 
-from strategies import splitfed as _splitfed  # noqa: E402,F401  (registers "splitfed")
+_DOTPATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
+class StrategyError(ValueError):
+    """A strategy cannot be found, built or run as configured; the message says why."""
+
+
+def resolve_strategy(spec: str) -> type:
+    """The strategy class named by ``spec``: a registered name or ``package.module:Class``.
+
+    Dotpaths are imported with :func:`importlib.import_module`, i.e. from installed code
+    (or ``PYTHONPATH``), never from a file path, since the ServerApp may run in another
+    process and folder than the one the run was started from.
+
+    Raises
+    ------
+    StrategyError
+        Unknown name, unimportable module, missing attribute, or not a strategy class.
+    """
+    from strategies.splitfed import SplitFedAvg
+
+    if not isinstance(spec, str) or not spec:
+        raise StrategyError(f"expected a strategy name or `package.module:Class`, found {spec!r}")
+    if ":" not in spec:
+        try:
+            return STRATEGIES.get(spec)
+        except RegistryError as exc:
+            raise StrategyError(f"{exc} Or give an importable class as "
+                                "`package.module:Class`.") from None
+    if not _DOTPATH.match(spec):
+        raise StrategyError(f"{spec!r} is not of the form `package.module:Class` (dotted module "
+                            "path, one colon, class name)")
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise StrategyError(f"cannot import {module_name!r} for strategy {spec!r} ({exc}); the "
+                            "module must be installed (e.g. `pip install -e .` of its project) "
+                            "or on PYTHONPATH where the ServerApp runs") from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        found = sorted(n for n, v in vars(module).items() if inspect.isclass(v)
+                       and issubclass(v, SplitFedAvg))
+        raise StrategyError(f"module {module_name!r} has no attribute {attr!r}; strategy "
+                            f"classes there: {', '.join(found) or '(none)'}")
+    if not (inspect.isclass(cls) and issubclass(cls, SplitFedAvg)):
+        raise StrategyError(f"{spec!r} is {cls!r}, not a subclass of "
+                            "strategies.splitfed.SplitFedAvg; subclass it (see "
+                            "strategies/example_custom.py)")
+    return cls
+
+
+def strategy_options(options: Any) -> dict[str, Any]:
+    """``strategy.options`` as plain keyword arguments (kebab-case keys -> snake_case)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(options, (DictConfig, ListConfig)):
+            options = OmegaConf.to_container(options, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if options is None or options == "":
+        return {}
+    if not isinstance(options, Mapping):
+        raise StrategyError(f"expected a mapping of keyword arguments, e.g. {{cuts: [1, 2, 3]}}, "
+                            f"found {options!r}")
+    return {str(k).replace("-", "_"): v for k, v in options.items()}
+
+
+def accepted_options(cls: type) -> tuple[set[str], set[str]]:
+    """(accepted, required) keyword options of ``cls(channel, cfg, **options)``.
+
+    Walks the class and its bases while an ``__init__`` passes ``**kwargs`` on.
+    """
+    accepted: set[str] = set()
+    required: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[3:]  # self, channel, cfg
+        passes_on = False
+        for p in params:
+            if p.kind is p.VAR_KEYWORD:
+                passes_on = True
+            elif p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+                accepted.add(p.name)
+                if p.default is p.empty:
+                    required.add(p.name)
+        if not passes_on:
+            break
+    return accepted, required
+
+
+def check_strategy(spec: str, options: Any, cfg: Mapping[str, Any]) -> list[str]:
+    """Every problem with ``strategy.name`` / ``strategy.options`` under the flat config
+    ``cfg`` (``{"section.key": value}``), as config-validation messages; ``[]`` if none."""
+    try:
+        cls = resolve_strategy(spec)
+    except StrategyError as exc:
+        return [f"`strategy.name`: {exc}"]
+    try:
+        opts = strategy_options(options)
+    except StrategyError as exc:
+        return [f"`strategy.options`: {exc}"]
+    accepted, required = accepted_options(cls)
+    problems = []
+    unknown = sorted(set(opts) - accepted)
+    if unknown:
+        problems.append(f"`strategy.options`: {cls.__name__} has no option(s) "
+                        f"{', '.join(unknown)}; it accepts: {', '.join(sorted(accepted)) or '(none)'}")
+    missing = sorted(required - set(opts))
+    if missing:
+        problems.append(f"`strategy.options`: {cls.__name__} needs {', '.join(missing)}")
+    if not problems:
+        problems += [f"`strategy.options`: {p}" for p in cls.option_problems(opts, cfg)]
+    return problems
+
+
+def build_strategy(spec: str, options: Any, channel: Any, cfg: Any) -> Any:
+    """``cls(channel, cfg, **options)`` for the class ``spec`` names, after
+    :func:`check_strategy` (raises :class:`StrategyError` listing every problem)."""
+    from fedsplit.config import to_flat
+
+    problems = check_strategy(spec, options, to_flat(cfg))
+    if problems:
+        raise StrategyError("Invalid strategy configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+    return resolve_strategy(spec)(channel, cfg, **strategy_options(options))
+
+
+# Built-in strategies register themselves on import.
+from strategies import splitfed as _splitfed  # noqa: E402,F401  ("splitfed")
+from strategies import sfl as _sfl  # noqa: E402,F401  ("sflv1", "sflv2")
+from strategies import local_loss as _local_loss  # noqa: E402,F401  ("local-loss")
+from strategies import ushaped as _ushaped  # noqa: E402,F401  ("u-shaped")
+from strategies import fedavg as _fedavg  # noqa: E402,F401  ("fedavg")
+from strategies import allocator as _allocator  # noqa: E402,F401  ("allocator")

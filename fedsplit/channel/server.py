@@ -10,6 +10,11 @@ Payloads are raw bytes in the :mod:`fedsplit.channel.wire` framing (no protobuf 
 generation: gRPC's generic handlers pass bytes through), and the channel counts
 ``len(request)`` and ``len(response)`` of every accepted call per client, per direction,
 per round.
+
+What a client's frames may be depends on its training mode this round (its trainer
+route, ``open_round(routes=...)``): ``split`` STEP -> GRAD; ``local-loss`` STEP -> LOSS
+(no gradient); ``u-shaped`` STEP without labels -> MIDDLE, then BACK -> GRAD (the Back
+method). Anything else, e.g. labels from a u-shaped client, is refused.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ import torch
 from fedsplit.channel import wire
 from fedsplit.channel.wire import Kind, WireError
 from fedsplit.codecs import Codec, CodecContext, CodecError, build_codec
-from fedsplit.server.trainer import BadStepError, ServerTrainer
+from fedsplit.server.trainer import BadStepError, Route, ServerTrainer
 
 log = logging.getLogger(__name__)
 
 SERVICE = "fedsplit.SplitChannel"
 STEP_METHOD = f"/{SERVICE}/Step"
 FINISH_METHOD = f"/{SERVICE}/Finish"
+BACK_METHOD = f"/{SERVICE}/Back"  # u-shaped: the gradient of the middle layers' output
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,13 @@ class _Session:
     traffic: Traffic = field(default_factory=Traffic)
     lock: threading.Lock = field(default_factory=threading.Lock)
     open: bool = True
+    mode: str = "split"  # the client's training mode (fedsplit.split.layout.MODES)
+    # u-shaped: activations also travel down (the middle's output, with the `up` spec) and
+    # gradients up (with the `down` spec), each stream with its own codec instance.
+    down_act: Codec | None = None
+    up_grad: Codec | None = None
+    pending: int | None = None  # u-shaped: the step whose BACK is awaited
+    pending_mask: torch.Tensor | None = None  # ... and its padding mask (for the codecs)
     peer: str | None = None  # the connection that first used the token
 
 
@@ -106,6 +119,7 @@ class SplitChannelServer:
         handlers = {
             "Step": grpc.unary_unary_rpc_method_handler(self._handle_step),
             "Finish": grpc.unary_unary_rpc_method_handler(self._handle_finish),
+            "Back": grpc.unary_unary_rpc_method_handler(self._handle_back),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         bind = f"{self.cfg.host}:{self.cfg.port}"
@@ -138,14 +152,19 @@ class SplitChannelServer:
     # ------------------------------------------------------------------ rounds
     def open_round(self, server_round: int, clients: list[str], timeout: float,
                    codecs: dict[str, tuple[Any, Any]] | None = None,
-                   seeds: dict[str, int] | None = None) -> dict[str, Ticket]:
+                   seeds: dict[str, int] | None = None,
+                   routes: dict[str, Route] | None = None) -> dict[str, Ticket]:
         """Issue fresh tokens for ``clients``; tokens of earlier rounds stop working.
 
         ``seeds`` (per client) seed the codecs; random when not given. Tokens are always
-        random.
+        random. ``routes`` (per client; call after ``trainer.begin_round``) tell the
+        trainer what to train for each client and the channel which frames to expect
+        (its training mode); clients without one train the trainer's default.
         """
         expires = time.monotonic() + timeout
         tickets = {}
+        for client, route in (routes or {}).items():
+            self.trainer.assign(client, route)
         with self._lock:
             for sess in self._sessions.values():
                 sess.open = False
@@ -154,8 +173,12 @@ class SplitChannelServer:
                 token = secrets.token_urlsafe(24)
                 seed = (seeds or {}).get(client, secrets.randbits(63))
                 up, down = (codecs or {}).get(client, self.codec_specs)
-                self._sessions[token] = _Session(client, server_round, seed, expires,
-                                                 build_codec(up), build_codec(down))
+                sess = _Session(client, server_round, seed, expires, build_codec(up),
+                                build_codec(down))
+                sess.mode = self.trainer.route(client).plan.mode
+                if sess.mode == "u-shaped":
+                    sess.down_act, sess.up_grad = build_codec(up), build_codec(down)
+                self._sessions[token] = sess
                 tickets[client] = Ticket(token, seed)
         return tickets
 
@@ -213,10 +236,19 @@ class SplitChannelServer:
     def _handle_finish(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         return self._guard(self._finish, request, context)
 
+    def _handle_back(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._guard(self._back, request, context)
+
     def _step(self, request: bytes, peer: str = "") -> bytes:
         _, fields = wire.decode_frame(request, expect=Kind.STEP)
         sess = self._session(fields, peer)
-        wire.require(fields, "step", "act", "labels")
+        if sess.mode == "u-shaped":
+            if "labels" in fields:  # the point of u-shaped training: refuse, do not ignore
+                raise WireError("a u-shaped client must not send labels (they stay on the "
+                                "client); drop the `labels` field")
+            wire.require(fields, "step", "act", "batch")
+        else:
+            wire.require(fields, "step", "act", "labels")
         with sess.lock:
             if not sess.open:
                 raise _Reject(grpc.StatusCode.UNAUTHENTICATED, "token expired during the call")
@@ -225,32 +257,89 @@ class SplitChannelServer:
                               "this client already finished its round")
             started = time.perf_counter()
             step = wire.unpack_u64(fields["step"], "step")
-            if step != sess.traffic.steps:
+            if step != sess.traffic.steps or sess.pending is not None:
                 raise _Reject(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"expected step {sess.traffic.steps}, got {step} "
-                              "(replayed or out-of-order request)")
-            labels = wire.unpack_tensor(fields["labels"], "labels")
+                              f"expected step {sess.traffic.steps}"
+                              f"{' (its BACK)' if sess.pending is not None else ''}, got "
+                              f"STEP {step} (replayed or out-of-order request)")
+            labels = None
+            if sess.mode == "u-shaped":
+                batch = wire.unpack_u64(fields["batch"], "batch")
+            else:
+                labels = wire.unpack_tensor(fields["labels"], "labels")
+                batch = int(labels.shape[0])
             side = {}
             for name, value in fields.items():
                 if name == "side.attention_mask":
-                    side["attention_mask"] = wire.unpack_mask(value, int(labels.shape[0]))
+                    side["attention_mask"] = wire.unpack_mask(value, batch)
                 elif name.startswith("side."):
                     side[name[5:]] = wire.unpack_tensor(value, name)
             ctx = CodecContext(direction="up", step=step, seed=sess.seed,
                                attention_mask=side.get("attention_mask"))
             hidden = sess.up.decode(fields["act"], ctx)
-            result = self.trainer.step(sess.client, hidden, side, labels, step)
             ctx_down = CodecContext(direction="down", step=step, seed=sess.seed,
                                     attention_mask=side.get("attention_mask"))
-            response = wire.encode_frame(Kind.GRAD, {
-                "grad": sess.down.encode(result.grad, ctx_down),
-                "stats": wire.pack_f64(result.loss, result.correct),
-            })
             t = sess.traffic
+            if sess.mode == "u-shaped":
+                if hidden.shape[0] != batch:
+                    raise WireError(f"`batch` says {batch} samples, the activations hold "
+                                    f"{hidden.shape[0]}")
+                assert sess.down_act is not None
+                out = self.trainer.forward_middle(sess.client, hidden, side, step)
+                response = wire.encode_frame(Kind.MIDDLE, {"act": sess.down_act.encode(out, ctx_down)})
+                sess.pending = step  # the step counts once its BACK is done
+                sess.pending_mask = side.get("attention_mask")
+            else:
+                assert labels is not None
+                local = sess.mode == "local-loss"
+                result = self.trainer.step(sess.client, hidden, side, labels, step,
+                                           want_grad=not local)
+                stats = wire.pack_f64(result.loss, result.correct)
+                if local:  # the client does not wait for a gradient: none is computed or sent
+                    response = wire.encode_frame(Kind.LOSS, {"stats": stats})
+                else:
+                    assert result.grad is not None
+                    response = wire.encode_frame(Kind.GRAD, {
+                        "grad": sess.down.encode(result.grad, ctx_down), "stats": stats})
+                t.steps += 1
+                t.examples += batch
+                t.loss_sum += result.loss * batch
+                t.correct += result.correct
+            t.bytes_up += len(request)
+            t.bytes_down += len(response)
+            t.server_seconds += time.perf_counter() - started
+            return response
+
+    def _back(self, request: bytes, peer: str = "") -> bytes:
+        """U-shaped, second half of a batch: the gradient of the middle's output comes up,
+        the gradient at the cut goes down."""
+        _, fields = wire.decode_frame(request, expect=Kind.BACK)
+        sess = self._session(fields, peer)
+        wire.require(fields, "step", "grad")
+        with sess.lock:
+            if not sess.open:
+                raise _Reject(grpc.StatusCode.UNAUTHENTICATED, "token expired during the call")
+            if sess.mode != "u-shaped":
+                raise _Reject(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"BACK is for u-shaped clients; this client trains {sess.mode!r}")
+            started = time.perf_counter()
+            step = wire.unpack_u64(fields["step"], "step")
+            if sess.pending is None or step != sess.pending:
+                raise _Reject(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"no STEP {step} awaits its gradient (replayed or out-of-order "
+                              "request)")
+            assert sess.up_grad is not None
+            mask = sess.pending_mask
+            ctx_up = CodecContext(direction="up", step=step, seed=sess.seed, attention_mask=mask)
+            ctx_down = CodecContext(direction="down", step=step, seed=sess.seed,
+                                    attention_mask=mask)
+            grad_out = sess.up_grad.decode(fields["grad"], ctx_up)
+            grad = self.trainer.backward_middle(sess.client, grad_out, step)
+            response = wire.encode_frame(Kind.GRAD, {"grad": sess.down.encode(grad, ctx_down)})
+            t = sess.traffic
+            sess.pending, sess.pending_mask = None, None
             t.steps += 1
-            t.examples += int(labels.shape[0])
-            t.loss_sum += result.loss * int(labels.shape[0])
-            t.correct += result.correct
+            t.examples += int(grad.shape[0])
             t.bytes_up += len(request)
             t.bytes_down += len(response)
             t.server_seconds += time.perf_counter() - started
@@ -262,6 +351,9 @@ class SplitChannelServer:
         with sess.lock:
             if sess.traffic.finished:
                 raise _Reject(grpc.StatusCode.FAILED_PRECONDITION, "round already finished")
+            if sess.pending is not None:
+                raise _Reject(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"step {sess.pending} still awaits its BACK; send it first")
             sess.traffic.finished = True
             self.trainer.finish(sess.client, sess.traffic.examples)
             response = wire.encode_frame(Kind.ACK, {})

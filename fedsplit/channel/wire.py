@@ -7,6 +7,13 @@ Every request and response is one frame::
     count  u8                          number of fields
     field  name_len u8 | name | size u32 | bytes      (repeated ``count`` times)
 
+Frames per batch by training mode (``fedsplit.split.layout``):
+
+* ``split``: STEP (token, step, act, labels, side.*) -> GRAD (grad, stats);
+* ``local-loss``: STEP (the same) -> LOSS (stats): no gradient comes back;
+* ``u-shaped``: STEP (token, step, act, batch, side.*; *no labels*) -> MIDDLE (act), then
+  BACK (token, step, grad) -> GRAD (grad).
+
 Field values are raw bytes: the cut tensor is whatever its codec produced, small side
 tensors (attention mask, labels, sample ids) use :func:`pack_tensor`, scalars use
 ``struct``. The byte counts the channel reports are ``len(frame)``, i.e. exactly what
@@ -42,6 +49,10 @@ class Kind(enum.IntEnum):
     GRAD = 2  # server -> client: gradient at the cut + loss
     FINISH = 3  # client -> server: local epoch done
     ACK = 4  # server -> client: finish accepted
+    # Extensions for other training modes (see fedsplit.split.layout):
+    LOSS = 5  # server -> client (local-loss): loss + correct only, no gradient
+    MIDDLE = 6  # server -> client (u-shaped): the middle layers' output for a STEP
+    BACK = 7  # client -> server (u-shaped): gradient w.r.t. that output; answered by GRAD
 
 
 # dtype <-> code, a closed set: nothing else can be decoded.

@@ -15,10 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedsplit.channel import SplitChannelServer
 from fedsplit.metrics import RunWriter
+from fedsplit.models import build_model
 from fedsplit.server import checkpoint
 from fedsplit.server.trainer import build_trainer
-from fedsplit.task import Task, evaluate, seed_everything, with_resolved_paths
-from strategies import STRATEGIES
+from fedsplit.split.layout import client_layout
+from fedsplit.task import Task, seed_everything, with_resolved_paths
+from strategies import build_strategy, resolve_strategy
 
 log = logging.getLogger("fedsplit")
 
@@ -41,14 +43,25 @@ def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
     seed_everything(cfg.run.seed)
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
+    strategy_name = cfg.strategy.name or cfg.train.mode
+    resolve_strategy(strategy_name)  # config validation checked it; fail before any work
     task = Task(cfg)
-    split = task.split(pretrained=True)
+    # The global model, and the modules each side trains for any cut and mode.
+    layout = client_layout(build_model(cfg.model, pretrained=True), cfg)
+    split = layout.split(cfg.model.cut)
     _, test_set = task.datasets()
-    test_loader = task.loader(task.encode(test_set), cfg.eval.batch_size, shuffle=False)
-    trainer = build_trainer(cfg.train.mode, split.server, cfg.train, cfg.model.num_labels)
-    with torch.no_grad():  # one real batch tells the channel what activations look like
-        probe = split.client(next(iter(test_loader)))
-    trainer.expect_like(probe.hidden, variable_length="attention_mask" in probe.side)
+    encoded_test = task.encode(test_set)
+    test_loader = task.loader(encoded_test, cfg.eval.batch_size, shuffle=False)
+    trainer = build_trainer(cfg.train.mode, split.server, cfg.train, cfg.model.num_labels,
+                            layout=layout)
+    # One real batch of the training batch size: the strategy's probe (aux-head sizes,
+    # frame bytes), and, at every cut, what the channel should expect activations to look like.
+    sample_batch = next(iter(task.loader(encoded_test, cfg.train.batch_size, shuffle=False)))
+    with torch.no_grad():
+        for cut in layout.cuts:
+            probe = layout.split(cut).client({k: v[:2] for k, v in sample_batch.items()})
+            trainer.expect_like(probe.hidden, variable_length="attention_mask" in probe.side,
+                                cut=cut)
     writer = RunWriter(cfg, resume=cfg.run.resume)
     log.info("fedsplit run directory: %s", writer.dir)
     initial = ArrayRecord(split.client.state_dict())
@@ -65,7 +78,8 @@ def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
     codec_down = OmegaConf.to_container(cfg.codec, resolve=True)["down"]
     with SplitChannelServer(trainer, cfg.channel, codec_up, codec_down,
                             credentials=channel_credentials(cfg.channel)) as channel:
-        strategy = STRATEGIES.get("splitfed")(channel, cfg)
+        strategy = build_strategy(strategy_name, cfg.strategy.options, channel, cfg)
+        strategy.setup(layout, sample_batch)
         if saved is not None:
             strategy.load_state_dict(saved["strategy"])
             checkpoint.set_rng_state(saved["rng"])
@@ -85,14 +99,14 @@ def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
             last = server_round == cfg.train.rounds
             if server_round % cfg.eval.every == 0 or last:
                 split.client.load_state_dict(arrays.to_torch_state_dict())
-                row.update(evaluate(split, test_loader))
+                row.update(strategy.evaluate_round(server_round, split, test_loader))
             seconds = time.monotonic() - stats.started
             row.update({
                 "bytes_up": stats.cut_bytes_up + stats.sync_bytes_up,
                 "bytes_down": stats.cut_bytes_down + stats.sync_bytes_down,
                 "seconds": seconds,
                 "train_seconds": stats.trained - stats.started,
-                "examples": stats.server_metrics.get("server_examples"),
+                "examples": stats.examples,
                 "cut_bytes_up": stats.cut_bytes_up,
                 "cut_bytes_down": stats.cut_bytes_down,
                 "sync_bytes_up": stats.sync_bytes_up,
@@ -107,6 +121,7 @@ def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
                 "server_seconds_per_batch": stats.server_seconds_per_batch,
                 "batches": sum(t.steps for t in stats.traffic.values()),
                 **stats.server_metrics,
+                **strategy.round_metrics(server_round),
             })
             writer.add(row, clients=[{"round": server_round, **m} for m in stats.clients_metrics])
             acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"
