@@ -501,7 +501,9 @@ class SplitFedAvg(FedAvg):
         replies = list(replies)
         stats = self.rounds[server_round]
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
-        stats.failures = len(errors)
+        # A client that crashed replies with an error; one that vanished or missed the
+        # round deadline does not reply at all: both count as failures.
+        stats.failures = len(errors) + max(0, len(stats.clients) - len(replies))
         for msg in valid:
             for rec in msg.content.array_records.values():
                 stats.sync_bytes_up += array_record_bytes(rec)
