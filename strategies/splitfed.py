@@ -498,7 +498,9 @@ class SplitFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        # Aggregate in a fixed order (by client key), not arrival order: float sums then
+        # repeat exactly, e.g. in a resumed run.
+        replies = sorted(replies, key=lambda m: self.client_key(m.metadata.src_node_id))
         stats = self.rounds[server_round]
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         # A client that crashed replies with an error; one that vanished or missed the

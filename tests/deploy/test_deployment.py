@@ -22,10 +22,9 @@ import pytest
 import torch
 
 from fedsplit.channel import ChannelError, SplitChannelClient, SplitChannelServer
-from fedsplit.config import ChannelConfig, ModelConfig, TrainConfig, load_config
+from fedsplit.config import ChannelConfig, ModelConfig, TrainConfig
 from fedsplit.deploy import procs
-from fedsplit.deploy.data import prepare_device_data
-from fedsplit.deploy.federation import Deployment, RunResult, free_port
+from fedsplit.deploy.federation import RunResult
 from fedsplit.models import build_model
 from fedsplit.server.app import channel_credentials
 from fedsplit.server.trainer import build_trainer
@@ -38,23 +37,10 @@ NODES = ["node0", "node1"]
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("deployment")
-    dep = Deployment.create(folder, port=free_port(), channel_port=free_port(),
-                            node_keys=[*NODES, "rogue"])
-    parts = prepare_device_data(load_config("configs/default.yaml"), len(NODES),
-                                folder / "data")
-    try:
-        dep.start_superlink()
-        for i, name in enumerate(NODES):
-            dep.register(name, dep.folder / "keys" / f"{name}.pub")
-        for i, name in enumerate(NODES):
-            dep.start_supernode(name, {"partition-id": i, "num-partitions": len(NODES),
-                                       "data-path": str(parts[i].path)})
-        dep.wait_online(NODES, timeout=120)
-        yield SimpleNamespace(dep=dep, examples=sum(p.examples for p in parts))
-    finally:
-        dep.stop()
+def federation(tmp_path_factory, make_federation):
+    with make_federation(tmp_path_factory.mktemp("deployment"), NODES,
+                         extra_keys=["rogue"]) as fed:
+        yield fed
 
 
 def _probe(address: str, root_cert: bytes | None, token: str) -> grpc.StatusCode | None:
