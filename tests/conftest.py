@@ -61,37 +61,54 @@ def make_cnn_segment():
     return digits_cnn_segment
 
 
-def _ray_pids() -> set[int]:
-    """Live (non-zombie) Ray processes on this machine."""
-    import subprocess
+def _marked_pids(marker: str) -> set[int]:
+    """Live processes whose environment carries ``FEDSPLIT_TEST_RUN=<marker>``."""
+    import os
 
-    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True)
-    return {int(line.split()[0]) for line in out.stdout.splitlines()
-            if any(k in line for k in ("raylet", "gcs_server", "ray::", "ray/dashboard"))
-            and line.split()[1][0] != "Z"}
+    found = set()
+    needle = f"FEDSPLIT_TEST_RUN={marker}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue  # zombies are gone already
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.add(int(entry))
+        except OSError:
+            continue
+    return found
 
 
 @pytest.fixture
-def no_leftover_ray():
-    """Fails the test if Ray processes it started are still alive 20 s after it ends.
+def no_leftover_ray(monkeypatch):
+    """Fails the test if processes it started (Ray's, a killed driver's) outlive it.
 
-    Yields a function that force-kills the new ones (for tests that kill a driver).
+    The test's processes are recognised by an environment marker they inherit, so other
+    work on the same machine is neither killed nor blamed. Yields a function that kills
+    the marked processes still alive (for tests that kill a driver on purpose).
     """
     import os
     import signal
     import time
+    import uuid
 
-    before = _ray_pids()
+    marker = uuid.uuid4().hex
+    monkeypatch.setenv("FEDSPLIT_TEST_RUN", marker)
 
-    def kill_new() -> None:
-        for pid in _ray_pids() - before:
+    def kill_marked() -> None:
+        for pid in _marked_pids(marker):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
-    yield kill_new
+    yield kill_marked
     deadline = time.monotonic() + 20  # Ray reaps its workers asynchronously
-    while _ray_pids() - before and time.monotonic() < deadline:
+    while _marked_pids(marker) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _ray_pids() - before == set(), "the test left Ray processes running"
+    left = _marked_pids(marker)
+    kill_marked()
+    assert not left, f"the test left processes running: {sorted(left)}"
