@@ -338,3 +338,23 @@ def test_codecs_and_bottleneck_train_through_the_channel(spec):
             changed = [k for k, v in split.client.state_dict().items() if not torch.equal(v, before[k])]
             assert any(k.startswith("layers.") for k in changed)
     assert sizes["packed"] < sizes["plain"]
+
+
+def test_sflv2_keeps_the_batches_of_a_client_that_drops_out():
+    """SFLV2's documented policy: a dropped client's batches stay in the shared segment
+    (they are already mixed in); only its unfinished round is counted as dropped."""
+    split, trainer, server = _setup(mode="sflv2")
+    try:
+        trainer.begin_round(1)
+        t = server.open_round(1, ["gone"], timeout=60)["gone"]
+        before = _snapshot(trainer.segment)
+        batch = cnn_batches(1, seed=3)[0]
+        cut = split.client(batch)
+        with SplitChannelClient(server.address, t.token, t.seed) as c:
+            c.step(cut.hidden, cut.side, batch["labels"])  # ... then it vanishes
+        traffic = server.close_round()
+        assert not traffic["gone"].finished and traffic["gone"].steps == 1
+        trainer.end_round()
+        assert not _same(before, _snapshot(trainer.segment))
+    finally:
+        server.stop()
