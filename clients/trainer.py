@@ -119,11 +119,8 @@ def train_local(segment: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
         if lr_at is not None:
             lr_at(result.steps)
         t0 = time.perf_counter()
-        if meter is not None:
-            with meter.forward():
-                cut = segment(batch)  # cut.hidden: (B, ...) activations at the cut
-        else:
-            cut = segment(batch)
+        with _counted(meter):
+            cut = segment(batch)  # cut.hidden: (B, ...) activations at the cut
         t1 = time.perf_counter()
         reply = channel.step(cut.hidden, cut.side, batch["labels"])
         t2 = time.perf_counter()
@@ -164,11 +161,8 @@ def train_local_loss(module: LocalLossClient, batches: Iterable[dict[str, torch.
             lr_at(result.steps)
         t0 = time.perf_counter()
         labels = batch["labels"]
-        if meter is not None:
-            with meter.forward():
-                cut, logits = module(batch)  # cut.hidden: (B, ...); logits: (B, C)
-        else:
-            cut, logits = module(batch)
+        with _counted(meter):
+            cut, logits = module(batch)  # cut.hidden: (B, ...); logits: (B, C)
         loss = loss_fn(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -206,7 +200,7 @@ def train_u_shaped(module: UShapedClient, batches: Iterable[dict[str, torch.Tens
             lr_at(result.steps)
         labels = batch["labels"]
         t0 = time.perf_counter()
-        with meter.forward() if meter is not None else _nothing():
+        with _counted(meter):
             cut = module.front(batch)  # cut.hidden: (B, ...) at the front cut
             t1 = time.perf_counter()
             middle = channel.forward(cut.hidden, cut.side)  # (B, ...) the server's output
@@ -248,7 +242,7 @@ def train_full(model: nn.Module, forward: Callable[[dict[str, torch.Tensor]], to
             lr_at(result.steps)
         labels = batch["labels"]
         t0 = time.perf_counter()
-        with meter.forward() if meter is not None else _nothing():
+        with _counted(meter):
             logits = forward(batch)  # (B, C)
         loss = loss_fn(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -265,6 +259,6 @@ def train_full(model: nn.Module, forward: Callable[[dict[str, torch.Tensor]], to
     return result
 
 
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+def _counted(meter: MemoryMeter | None) -> contextlib.AbstractContextManager[None]:
+    """The meter's activation count around a forward, or nothing without a meter."""
+    return meter.forward() if meter is not None else contextlib.nullcontext()

@@ -13,13 +13,12 @@ against cumulative cut-layer bytes, one curve per row).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import final_accuracy, run_rows, weighted  # noqa: E402
+from experiments.common import final_accuracy, row_parser, run_rows, weighted  # noqa: E402
 from fedsplit.metrics import plot_accuracy  # noqa: E402
 
 DP_Q8 = "[drop-padding, {name: quantize, bits: 8, scale: per-token}]"
@@ -70,15 +69,7 @@ def summarize(name: str, rows: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/sst2_minilm.yaml")
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--out", default="runs/bench")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = row_parser(__doc__, list(ROWS)).parse_args(argv)
     out = Path(args.out)
     stored = run_rows(ROWS, args.rows, args.config, args.clients, args.rounds, out,
                       args.overrides)

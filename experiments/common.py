@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -53,3 +54,20 @@ def weighted(rows: list[dict[str, Any]], key: str, weight: str = "batches") -> f
 
 def final_accuracy(rows: list[dict[str, Any]]) -> float:
     return [r for r in rows if r.get("accuracy") is not None][-1]["accuracy"]
+
+
+def row_parser(doc: str | None, rows: list[str] | None) -> argparse.ArgumentParser:
+    """The options every comparison benchmark takes (``rows``: the allowed row names;
+    ``None`` when they are only known after parsing)."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/sst2_minilm.yaml")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    if rows is None:
+        parser.add_argument("--rows", nargs="*", default=None)
+    else:
+        parser.add_argument("--rows", nargs="*", default=rows, choices=rows)
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("overrides", nargs="*")
+    return parser

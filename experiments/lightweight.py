@@ -13,13 +13,12 @@ Writes ``<out>/lightweight.md`` and ``rows.json``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import final_accuracy, run_rows, weighted  # noqa: E402
+from experiments.common import final_accuracy, row_parser, run_rows, weighted  # noqa: E402
 
 RAMP = ["prune.schedule=cubic", "prune.start-round=1", "prune.end-round=3"]
 ROWS: dict[str, list[str]] = {
@@ -32,15 +31,7 @@ ROWS: dict[str, list[str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/sst2_minilm.yaml")
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--out", default="runs/bench")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = row_parser(__doc__, list(ROWS)).parse_args(argv)
     out = Path(args.out)
     stored = run_rows(ROWS, args.rows, args.config, args.clients, args.rounds, out,
                       args.overrides)

@@ -22,7 +22,6 @@ other tables) and ``strategies.png``.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import final_accuracy, run_rows  # noqa: E402
+from experiments.common import final_accuracy, row_parser, run_rows  # noqa: E402
 from fedsplit.config import load_config  # noqa: E402
 from fedsplit.metrics import plot_accuracy  # noqa: E402
 
@@ -92,20 +91,13 @@ def summarize(name: str, rows: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/sst2_minilm.yaml")
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser = row_parser(__doc__, None)
     parser.add_argument("--profiles", default="configs/profiles/mixed_fleet.yaml")
     parser.add_argument("--devices", default="[raspberry-pi-4, jetson-orin-nano, laptop]",
                         help="device kinds cycled over the clients (allocator row)")
     parser.add_argument("--server", default="laptop-class-server",
                         help="server profile of the allocator's latency model")
     parser.add_argument("--budget-mbps", type=float, default=250.0)
-    parser.add_argument("--rows", nargs="*", default=None)
-    parser.add_argument("--out", default="runs/bench")
-    parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     rows = rows_for(args.profiles, args.devices, args.server, args.budget_mbps,
                     steps_per_round(args.config, args.clients))
