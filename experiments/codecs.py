@@ -23,6 +23,8 @@ from fedsplit.metrics import plot_accuracy  # noqa: E402
 
 DP_Q8 = "[drop-padding, {name: quantize, bits: 8, scale: per-token}]"
 DP_Q4 = "[drop-padding, {name: quantize, bits: 4, scale: per-token}]"
+# Random rotation, then 1 bit per value (DRIVE-style scaled signs); keep: sent fraction.
+DP_ROT_SIGN = "[drop-padding, rotate, {{name: sign, keep: {keep}}}]"
 
 # name -> overrides. Up = activations (client -> server), down = gradients.
 ROWS: dict[str, list[str]] = {
@@ -40,6 +42,13 @@ ROWS: dict[str, list[str]] = {
     "dropout60-q2": [
         "codec.up=[drop-padding, {name: dropout, p: 0.6}, {name: quantize, bits: 2}]",
         "codec.down=[drop-padding, {name: dropout, p: 0.6}, {name: quantize, bits: 2}]"],
+    "dp-rot-q2": ["codec.up=[drop-padding, rotate, {name: quantize, bits: 2, scale: per-token}]",
+                  "codec.down=[drop-padding, rotate, {name: quantize, bits: 2, "
+                  "scale: per-token}]"],
+    "dp-rot-sign": [f"codec.up={DP_ROT_SIGN.format(keep=1.0)}",
+                    f"codec.down={DP_ROT_SIGN.format(keep=1.0)}"],
+    "dp-rot-sign80": [f"codec.up={DP_ROT_SIGN.format(keep=0.8)}",
+                      f"codec.down={DP_ROT_SIGN.format(keep=0.8)}"],
     "svd16": ["codec.up=[drop-padding, {name: svd, rank: 16, factor-dtype: fp16}]",
               f"codec.down={DP_Q8}"],
     "bneck16": ["model.bottleneck-rank=16", "codec.up=[drop-padding]",
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = row_parser(__doc__, list(ROWS)).parse_args(argv)
     out = Path(args.out)
     stored = run_rows(ROWS, args.rows, args.config, args.clients, args.rounds, out,
-                      args.overrides)
+                      args.overrides, fresh=args.fresh)
     mine = {k: v for k, v in stored.items() if k in ROWS}  # the store is shared
     results = [summarize(name, entry["rounds"]) for name, entry in mine.items()]
     curves = [(name, entry["rounds"]) for name, entry in mine.items()]

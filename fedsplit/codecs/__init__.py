@@ -25,6 +25,8 @@ from fedsplit.codecs import (  # noqa: F401  isort: skip
     dropout,
     error_feedback,
     quantize,
+    rotate,
+    sign,
     svd,
     topk_mask,
 )

@@ -141,7 +141,7 @@ def test_quantize_fp16_scale_overflow_asks_for_fp32() -> None:
 
 def test_dropout_positions_follow_seed_and_step_not_direction() -> None:
     d = Dropout(p=0.4)
-    n = 1000
+    n = 600
     a = d.kept_positions(n, ctx_(3, "up"))
     assert torch.equal(a, d.kept_positions(n, ctx_(3, "down")))
     assert not torch.equal(a, d.kept_positions(n, ctx_(4, "up")))
@@ -176,6 +176,65 @@ def test_dropout_with_other_step_is_detected_or_differs() -> None:
 
 
 # --------------------------------------------------------------------------- topk-mask
+
+
+def test_rotate_is_orthogonal_and_fresh_per_step() -> None:
+    x = torch.randn(6, 40)
+    rot = build_codec("rotate")
+    ys = []
+    for step in (0, 1):
+        header, y = rot.split(x, ctx_(step))
+        assert torch.allclose(y.norm(dim=1), x.norm(dim=1), rtol=1e-5)  # norms kept
+        assert torch.allclose(rot.merge(y, x.shape, ctx_(step)), x, atol=1e-5)
+        ys.append(y)
+    assert not torch.allclose(ys[0], ys[1])  # a new rotation every batch
+    # Another instance (the receiver) draws the same rotation for the same step.
+    assert torch.equal(build_codec("rotate").split(x, ctx_(1))[1], ys[1])
+
+
+def test_rotate_then_sign_is_unbiased_where_sign_alone_is_not() -> None:
+    """DRIVE's scale after a random rotation: the mean decode over many batches is x,
+    even with an outlier channel; plain scaled signs are far off."""
+    x = torch.randn(4, 48)
+    x[:, 3] += 8.0  # an outlier channel, as in transformer hidden states
+    n = 600
+
+    def mean_decode(spec) -> torch.Tensor:
+        codec, acc = build_codec(spec), torch.zeros_like(x)
+        for step in range(n):
+            acc += codec.decode(codec.encode(x, ctx_(step)), ctx_(step))
+        return acc / n
+
+    rel = lambda m: float((m - x).norm() / x.norm())  # noqa: E731
+    assert rel(mean_decode(["rotate", "sign"])) < 0.08  # ~0.033 measured; noise ~1/sqrt(n)
+    assert rel(mean_decode("sign")) > 0.5  # biased: ~1.3
+    # keep < 1: the kept half decodes unbiased, the dropped half to 0 -> E = x / 2.
+    m = mean_decode(["rotate", {"name": "sign", "keep": 0.5}])
+    assert rel(2 * m) < 0.15  # ~0.06 measured
+
+
+def test_sign_keep_sends_fixed_bits_per_row_from_the_seed() -> None:
+    x = torch.randn(5, 10)
+    codec = build_codec({"name": "sign", "keep": 0.7})
+    data = codec.encode(x, ctx_(3))
+    assert len(data) == H(2) + 5 * 2 + math.ceil(5 * 7 / 8)
+    y = codec.decode(data, ctx_(3))
+    assert ((y != 0).sum(dim=1) == 7).all()
+    assert not torch.equal(codec.decode(data, ctx_(4)) != 0, y != 0)  # other step: other cells
+    with pytest.raises(CodecError, match="keep"):
+        build_codec({"name": "sign", "keep": 0})
+
+
+def test_sign_zero_rows_and_scale_overflow() -> None:
+    x = torch.zeros(3, 8)
+    x[1] = torch.arange(8) - 3.5
+    y = build_codec("sign").decode(build_codec("sign").encode(x, ctx_()), ctx_())
+    assert torch.equal(y[0], torch.zeros(8)) and torch.equal(y[2], torch.zeros(8))
+    with pytest.raises(CodecError, match="scale_dtype: fp32"):
+        build_codec("sign").encode(torch.full((2, 4), 1e6), ctx_())
+    big = build_codec({"name": "sign", "scale_dtype": "fp32"})
+    assert torch.allclose(big.decode(big.encode(torch.full((2, 4), 1e6), ctx_()), ctx_()),
+                          torch.full((2, 4), 1e6))
 
 
 def test_topk_mask_signs_and_codes() -> None:

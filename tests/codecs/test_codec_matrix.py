@@ -20,6 +20,8 @@ import torch
 
 from fedsplit.codecs import CODECS, CodecContext, CodecError, build_codec
 from fedsplit.codecs.dropout import Dropout
+from fedsplit.codecs.rotate import Rotate
+from fedsplit.codecs.sign import Sign, kept_per_row
 
 
 def H(ndim: int) -> int:
@@ -80,6 +82,21 @@ def bytes_svd(spec: dict, shape: tuple[int, ...], ctx: CodecContext) -> int:
     r = min(spec["rank"], rows, cols)
     size = {"fp32": 4, "fp16": 2}[spec.get("factor_dtype", "fp32")]
     return H(len(shape)) + r * (rows + cols) * size
+
+
+def bytes_rotate(spec: Any, shape: tuple[int, ...], ctx: CodecContext) -> int:
+    return H(len(shape)) + H(len(shape)) + 4 * math.prod(shape)  # header + identity tail
+
+
+def bytes_sign(spec: dict, shape: tuple[int, ...], ctx: CodecContext) -> int:
+    rows, cols = matrix(shape)
+    scale_size = {"fp16": 2, "fp32": 4}[spec.get("scale_dtype", "fp16")]
+    return H(len(shape)) + rows * scale_size + math.ceil(
+        rows * kept_per_row(cols, spec.get("keep", 1.0)) / 8)
+
+
+def bytes_rotate_sign(spec: list, shape: tuple[int, ...], ctx: CodecContext) -> int:
+    return H(len(shape)) + bytes_sign(spec[1], shape, ctx)
 
 
 def bytes_delta_first(spec: Any, shape: tuple[int, ...], ctx: CodecContext) -> int:
@@ -181,6 +198,43 @@ def check_svd(spec, x, y, ctx, data):
     assert abs(err - best) <= tol * x.norm() + 1e-6
 
 
+def check_rotate(spec, x, y, ctx, data):
+    assert torch.allclose(y, x, rtol=0, atol=1e-5 * float(x.abs().max()) + 1e-7)
+
+
+def check_signs(spec: dict, z: torch.Tensor, zhat: torch.Tensor, ctx: CodecContext,
+                atol: float) -> None:
+    """``zhat`` = the sign codec's decode of ``z``: kept values ``s * sign(z)`` with
+    ``s = sum z^2 / sum |z|`` over the row's kept values, dropped values 0."""
+    rows, cols = matrix(tuple(z.shape))
+    z2, y2 = z.reshape(rows, cols).double(), zhat.reshape(rows, cols).double()
+    codec = Sign(keep=spec.get("keep", 1.0))
+    idx = codec.positions(rows, cols, ctx)
+    kept = torch.ones(rows, cols, dtype=torch.bool)
+    if idx is not None:
+        kept = torch.zeros(rows, cols, dtype=torch.bool).scatter_(1, idx, True)
+    assert int(kept.sum()) == rows * kept_per_row(cols, spec.get("keep", 1.0))
+    assert bool((y2[~kept].abs() <= atol).all())
+    zk = torch.where(kept, z2, torch.zeros(()))
+    s = zk.square().sum(1) / zk.abs().sum(1).clamp_min(1e-300)  # (rows,)
+    rel = 2**-11 if spec.get("scale_dtype", "fp16") == "fp16" else 1e-6
+    want = s[:, None] * torch.where(z2 >= 0, 1.0, -1.0)
+    assert bool(((y2 - want).abs()[kept] <= (rel * s[:, None] + atol).expand(rows, cols)[kept])
+                .all())
+
+
+def check_sign(spec, x, y, ctx, data):
+    check_signs(spec, x, y, ctx, atol=0.0)
+
+
+def check_rotate_sign(spec, x, y, ctx, data):
+    rows, cols = matrix(tuple(x.shape))
+    m = Rotate().matrix(cols, ctx).double()  # the rotation both sides drew
+    z = x.reshape(rows, cols).double() @ m
+    zhat = y.reshape(rows, cols).double() @ m  # undo the receiver's M^T
+    check_signs(spec[1], z, zhat, ctx, atol=1e-5 * float(z.abs().max()) + 1e-7)
+
+
 def check_error_feedback(spec, x, y, ctx, data):
     check_quantize(spec["inner"], x, y, ctx, data)  # first send: no residual yet
 
@@ -213,6 +267,11 @@ EXAMPLES: dict[str, list[Example]] = {
                           bytes_topk, check_topk)],
     "svd": [Example(dict(name="svd", rank=2), bytes_svd, check_svd),
             Example(dict(name="svd", rank=3, factor_dtype="fp16"), bytes_svd, check_svd)],
+    "rotate": [Example("rotate", bytes_rotate, check_rotate)],
+    "sign": [Example(dict(name="sign"), bytes_sign, check_sign),
+             Example(dict(name="sign", keep=0.6, scale_dtype="fp32"), bytes_sign, check_sign),
+             Example(["rotate", dict(name="sign", keep=0.8)], bytes_rotate_sign,
+                     check_rotate_sign)],
     "delta": [Example("delta", bytes_delta_first, check_real_tokens_exact),
               Example(dict(name="delta", bits=4, cache_dtype="fp16"), bytes_delta_first,
                       check_real_tokens_exact)],
