@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +13,16 @@ from fedsplit.simulate import simulate
 
 
 def run_rows(rows: dict[str, list[str]], names: list[str], config: str, clients: int,
-             rounds: int, out: Path, extra: list[str]) -> dict[str, dict[str, Any]]:
+             rounds: int, out: Path, extra: list[str], *,
+             fresh: bool = False) -> dict[str, dict[str, Any]]:
     """Run each named row (a list of overrides) and store its metrics in ``out/rows.json``.
 
     Rows already stored from an earlier invocation are kept, so a long table can be built
     in several sittings (``--rows a b``, then ``--rows c``); every stored row records the
     exact overrides it ran with. A row whose run (config, clients, overrides) is already
     stored under another name is reused, not run again (e.g. the codec table's
-    ``identity`` is the lightweight table's ``dense``).
+    ``identity`` is the lightweight table's ``dense``) unless ``fresh`` (``--fresh``: the
+    code changed since, e.g. for times measured side by side in one sitting).
     """
     out.mkdir(parents=True, exist_ok=True)
     store = out / "rows.json"
@@ -31,19 +34,24 @@ def run_rows(rows: dict[str, list[str]], names: list[str], config: str, clients:
                 and v["clients"] == clients
                 and v["command_overrides"][:3] + v["command_overrides"][4:]
                 == overrides[:3] + overrides[4:]]
-        if same:
+        if same and not fresh:
             stored[name] = {**stored[same[0]], "reused": same[0]}
             store.write_text(json.dumps(stored, indent=1))
             continue
         run_dir = simulate(config, overrides, clients=clients)
         clients_file = run_dir / "clients.jsonl"
-        stored[name] = {
+        entry = {
             "command_overrides": overrides, "config": config, "clients": clients,
             "rounds": read_metrics(run_dir),
             "clients_rows": [json.loads(line) for line in clients_file.read_text().splitlines()
                              if line.strip()],
         }
-        store.write_text(json.dumps(stored, indent=1))
+        # Another benchmark may have stored rows meanwhile: merge into the file's
+        # current contents instead of overwriting them with this process's old view.
+        stored = {**(json.loads(store.read_text()) if store.exists() else {}), name: entry}
+        tmp = store.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(stored, indent=1))
+        tmp.replace(store)
     return stored
 
 
@@ -69,5 +77,8 @@ def row_parser(doc: str | None, rows: list[str] | None) -> argparse.ArgumentPars
     else:
         parser.add_argument("--rows", nargs="*", default=rows, choices=rows)
     parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--fresh", action="store_true",
+                        help="run every named row, even if an equal run is stored under "
+                             "another name")
     parser.add_argument("overrides", nargs="*")
     return parser
