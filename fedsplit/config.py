@@ -190,6 +190,10 @@ class QuantConfig:
     update_delta: bool = _f(True, "Send the change against the received global segment "
                             "(smaller range) rather than the weights.")
     down_int8: bool = _f(False, "Server -> client global segment in int8 (per channel).")
+    compress: bool = _f(False, "zlib (level 1, lossless) over the packed model-sync payloads "
+                        "(quantized updates, int8 global): zero changes, e.g. the embedding "
+                        "rows of tokens a client never saw, cost almost nothing. Needs "
+                        "`update-bits` < 32, pruning or `down-int8`.")
 
 
 @dataclass
@@ -442,6 +446,10 @@ def _cross_checks(v: Mapping[str, Any]) -> list[str]:
             problems.append(f"`prune.client-targets`: {t!r} is not a fraction in [0, 1)")
     if v["prune.end-round"] and v["prune.end-round"] < v["prune.start-round"]:
         problems.append("`prune.end-round` is before `prune.start-round`")
+    if v["quant.compress"] and not (v["quant.update-bits"] != 32 or v["prune.kind"] != "none"
+                                    or v["quant.down-int8"]):
+        problems.append("`quant.compress`: there is no packed payload to compress; set "
+                        "quant.update-bits to 2/4/8, prune.kind or quant.down-int8=true")
     if v["run.resume"] and not v["run.name"]:
         problems.append("`run.resume`: name the run to resume with run.name=<its directory "
                         "name> (under run.output-dir)")

@@ -10,13 +10,17 @@ array holding :mod:`fedsplit.quantization` bytes:
   segment (or its change against what the client received) with only kept elements, each
   at ``update-bits``, plus a bitmask (:func:`encode_update`).
 
-Byte counts of both directions are the exact protobuf sizes of these ArrayRecords.
+With ``quant.compress`` either payload is zlib-compressed (level 1, lossless) and travels
+under the key with a ``-zlib`` suffix. Byte counts of both directions are the exact
+protobuf sizes of these ArrayRecords (compressed sizes where compressed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+import zlib
 
 import numpy as np
 import torch
@@ -39,11 +43,38 @@ def compressed_updates(cfg: Any) -> bool:
     return cfg.prune.kind != "none" or cfg.quant.update_bits != 32
 
 
-def _pack(key: str, data: bytes) -> ArrayRecord:
+ZLIB_SUFFIX = "-zlib"
+# A decompressed payload larger than this is refused (a few bytes of zlib can claim
+# gigabytes); a client segment's packed state is far below it.
+MAX_PAYLOAD = 2**31
+
+
+class SyncError(ValueError):
+    """A model-sync payload that cannot be decoded."""
+
+
+def _pack(key: str, data: bytes, compress: bool = False) -> ArrayRecord:
+    if compress:
+        key, data = key + ZLIB_SUFFIX, zlib.compress(data, 1)
     return ArrayRecord({key: Array(np.frombuffer(data, dtype=np.uint8))})
 
 
+def _inflate(data: bytes, key: str) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, MAX_PAYLOAD)
+    except zlib.error as exc:
+        raise SyncError(f"model-sync payload {key!r} is not valid zlib data ({exc}); "
+                        "both sides need the same fedsplit version") from None
+    if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
+        raise SyncError(f"model-sync payload {key!r} is truncated, has trailing bytes or "
+                        f"inflates beyond {MAX_PAYLOAD} bytes; refused")
+    return out
+
+
 def _payload(record: ArrayRecord, key: str) -> bytes | None:
+    if key + ZLIB_SUFFIX in record:
+        return _inflate(record[key + ZLIB_SUFFIX].numpy().tobytes(), key + ZLIB_SUFFIX)
     if key not in record:
         return None
     return record[key].numpy().tobytes()
@@ -55,7 +86,7 @@ def encode_global(cfg: Any, arrays: ArrayRecord,
     (the reference of their delta updates; empty when updates are plain arrays)."""
     if cfg.quant.down_int8:
         data = encode_int8_state(arrays.to_torch_state_dict(), masks)
-        return _pack(INT8_KEY, data), decode_int8_state(data)[0]
+        return _pack(INT8_KEY, data, cfg.quant.compress), decode_int8_state(data)[0]
     if compressed_updates(cfg):
         return arrays, arrays.to_torch_state_dict()
     return arrays, {}
@@ -78,7 +109,7 @@ def encode_client(cfg: Any, state: Mapping[str, torch.Tensor],
     data = encode_update(dict(state), bits=cfg.quant.update_bits,
                          scheme=cfg.quant.update_scheme, masks=masks, seed=seed,
                          reference=reference if cfg.quant.update_delta else None)
-    return _pack(UPDATE_KEY, data)
+    return _pack(UPDATE_KEY, data, cfg.quant.compress)
 
 
 def decode_client(record: ArrayRecord, reference: StateDict,

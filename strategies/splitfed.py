@@ -49,7 +49,8 @@ from fedsplit.server.trainer import SEGMENTS, Route
 from fedsplit.split import SplitModel
 from fedsplit.split.base import Batch
 from fedsplit.split.layout import ClientPlan, LayoutError, ModelLayout
-from fedsplit.sync import compressed_updates, decode_client, encode_global
+from fedsplit.quantization import QuantizationError
+from fedsplit.sync import SyncError, compressed_updates, decode_client, encode_global
 from fedsplit.task import evaluate
 from strategies import STRATEGIES, StrategyError
 from strategies.protocol import (  # noqa: F401  (re-exported: the ClientApp imports them here)
@@ -487,7 +488,13 @@ class SplitFedAvg(FedAvg):
             log(WARNING, "aggregate_train: node %d's MetricRecord lacks `%s`; its update is "
                 "skipped.", node, KEY_NUM_EXAMPLES)
             return None
-        state, masks = decode_client(next(iter(msg.content.array_records.values())), reference)
+        try:
+            state, masks = decode_client(next(iter(msg.content.array_records.values())),
+                                         reference)
+        except (QuantizationError, SyncError) as exc:  # one bad client must not end the round
+            log(WARNING, "aggregate_train: node %d's segment update does not decode (%s); "
+                "its update is skipped.", node, exc)
+            return None
         if set(state) != set(keys):
             log(WARNING, "aggregate_train: node %d sent keys %s..., expected those of its plan "
                 "%s; its update is skipped.", node, sorted(set(state) ^ set(keys))[:3], plan)
