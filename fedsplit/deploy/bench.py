@@ -83,7 +83,23 @@ def _peak_mb() -> float:
 def measure_cut(config: str | None, overrides: list[str], cut: int, batches: int,
                 warmup: int, data_path: str | None, device: str,
                 threads: int) -> CutMeasurement:
-    """Measure one cut in this process (call it in a fresh process; see module doc)."""
+    """Measure one cut in this process (call it in a fresh process; see module doc).
+
+    The caller's torch thread count is restored afterwards (it is process-wide, and
+    results computed later in the process would otherwise round differently)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    try:
+        return _measure_cut(config, overrides, cut, batches, warmup, data_path, device,
+                            threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _measure_cut(config: str | None, overrides: list[str], cut: int, batches: int,
+                 warmup: int, data_path: str | None, device: str,
+                 threads: int) -> CutMeasurement:
     import torch
 
     from fedsplit.codecs import CodecContext, build_codec

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +40,54 @@ def channel_credentials(channel_cfg: Any) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)])
 
 
+def default_num_threads() -> int:
+    """The intra-op thread count torch starts a fresh process with on this machine.
+
+    ``MKL_NUM_THREADS``, else ``OMP_NUM_THREADS``, else the physical cores (torch's own
+    rule). ``torch.get_num_threads()`` cannot tell it: it says what this *process* was
+    last set to, by anyone.
+    """
+    for var in ("MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    cores = set()
+    for topology in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            continue
+    return len(cores) or os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Run the body with ``num_threads`` intra-op threads, then restore the caller's count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
-    """Run ``cfg.train.rounds`` rounds of split federated learning over ``grid``."""
+    """Run ``cfg.train.rounds`` rounds of split federated learning over ``grid``.
+
+    The server's thread count is set for the run (``run.num-threads``, else
+    :func:`default_num_threads`), never inherited: CPU matmuls and reductions round
+    differently with another count, so a run served in a process that some earlier code
+    left at another count (``simulate`` in a test process, after an in-process benchmark
+    set one thread) would not repeat a fresh process's run, or its resume, bit for bit.
+    """
+    with torch_threads(cfg.run.num_threads or default_num_threads()):
+        return _serve(grid, cfg)
+
+
+def _serve(grid: Grid, cfg: DictConfig) -> RunWriter:
     cfg = with_resolved_paths(cfg)
     seed_everything(cfg.run.seed)
-    if cfg.run.num_threads:
-        torch.set_num_threads(cfg.run.num_threads)
     strategy_name = cfg.strategy.name or cfg.train.mode
     resolve_strategy(strategy_name)  # config validation checked it; fail before any work
     task = Task(cfg)
@@ -73,6 +118,12 @@ def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
         trainer.load_state_dict(saved["server_trainer"])
         writer.restore(saved["metrics"], saved["round"])
         log.info("resuming %s after round %d", writer.dir, saved["round"])
+        threads = saved.get("num_threads")
+        if threads is not None and threads != torch.get_num_threads():
+            log.warning("the interrupted run trained with %d torch threads, this one with %d: "
+                        "the remaining rounds will not repeat it bit for bit (set "
+                        "run.num-threads=%d to match)", threads, torch.get_num_threads(),
+                        threads)
 
     codec_up = OmegaConf.to_container(cfg.codec, resolve=True)["up"]
     codec_down = OmegaConf.to_container(cfg.codec, resolve=True)["down"]
@@ -89,7 +140,8 @@ def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
                 checkpoint.save(writer.dir, {
                     "round": server_round, "client_segment": arrays.to_torch_state_dict(),
                     "server_trainer": trainer.state_dict(), "strategy": strategy.state_dict(),
-                    "metrics": writer.rows, "rng": checkpoint.rng_state()})
+                    "metrics": writer.rows, "rng": checkpoint.rng_state(),
+                    "num_threads": torch.get_num_threads()})
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round == 0:

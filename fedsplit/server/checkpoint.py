@@ -4,7 +4,9 @@ After each round the server writes ``<run dir>/checkpoint.pt`` atomically (a tem
 file in the same folder, then ``os.replace``), so a crash mid-write leaves the previous
 checkpoint intact. It holds the round number, the global client segment, the server
 trainer's state (segment and optimizer), the strategy's state (client data cursors,
-pruning masks), the metrics rows so far and the RNG states.
+pruning masks), the metrics rows so far, the RNG states and the server's torch thread
+count (not restored, it is the machine's; a resume with another count is warned about,
+as its float results cannot repeat the interrupted run's bit for bit).
 """
 
 from __future__ import annotations
