@@ -13,8 +13,8 @@ from fedsplit.simulate import simulate
 
 
 def run_rows(rows: dict[str, list[str]], names: list[str], config: str, clients: int,
-             rounds: int, out: Path, extra: list[str], *,
-             fresh: bool = False) -> dict[str, dict[str, Any]]:
+             rounds: int, out: Path, extra: list[str], *, fresh: bool = False,
+             collect: bool = False) -> dict[str, dict[str, Any]]:
     """Run each named row (a list of overrides) and store its metrics in ``out/rows.json``.
 
     Rows already stored from an earlier invocation are kept, so a long table can be built
@@ -23,6 +23,8 @@ def run_rows(rows: dict[str, list[str]], names: list[str], config: str, clients:
     stored under another name is reused, not run again (e.g. the codec table's
     ``identity`` is the lightweight table's ``dense``) unless ``fresh`` (``--fresh``: the
     code changed since, e.g. for times measured side by side in one sitting).
+    ``collect`` (``--collect``) runs nothing: it stores the finished run directories
+    ``out/<name>`` of the named rows (e.g. after an interrupted table).
     """
     out.mkdir(parents=True, exist_ok=True)
     store = out / "rows.json"
@@ -34,24 +36,38 @@ def run_rows(rows: dict[str, list[str]], names: list[str], config: str, clients:
                 and v["clients"] == clients
                 and v["command_overrides"][:3] + v["command_overrides"][4:]
                 == overrides[:3] + overrides[4:]]
+        if collect:  # adopt the finished run directory instead of running it again
+            run_dir = out / name
+            if not (run_dir / "metrics.jsonl").exists():
+                raise SystemExit(f"--collect: no finished run in {run_dir}; run the row "
+                                 "without --collect first.")
+            stored = _store_row(store, name, overrides, config, clients, run_dir)
+            continue
         if same and not fresh:
             stored[name] = {**stored[same[0]], "reused": same[0]}
             store.write_text(json.dumps(stored, indent=1))
             continue
         run_dir = simulate(config, overrides, clients=clients)
-        clients_file = run_dir / "clients.jsonl"
-        entry = {
-            "command_overrides": overrides, "config": config, "clients": clients,
-            "rounds": read_metrics(run_dir),
-            "clients_rows": [json.loads(line) for line in clients_file.read_text().splitlines()
-                             if line.strip()],
-        }
-        # Another benchmark may have stored rows meanwhile: merge into the file's
-        # current contents instead of overwriting them with this process's old view.
-        stored = {**(json.loads(store.read_text()) if store.exists() else {}), name: entry}
-        tmp = store.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(stored, indent=1))
-        tmp.replace(store)
+        stored = _store_row(store, name, overrides, config, clients, run_dir)
+    return stored
+
+
+def _store_row(store: Path, name: str, overrides: list[str], config: str, clients: int,
+               run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Add one finished run to ``store``; returns the store's new contents."""
+    clients_file = run_dir / "clients.jsonl"
+    entry = {
+        "command_overrides": overrides, "config": config, "clients": clients,
+        "rounds": read_metrics(run_dir),
+        "clients_rows": [json.loads(line) for line in clients_file.read_text().splitlines()
+                         if line.strip()],
+    }
+    # Another benchmark may have stored rows meanwhile: merge into the file's current
+    # contents instead of overwriting them with this process's old view.
+    stored = {**(json.loads(store.read_text()) if store.exists() else {}), name: entry}
+    tmp = store.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(stored, indent=1))
+    tmp.replace(store)
     return stored
 
 
@@ -80,5 +96,8 @@ def row_parser(doc: str | None, rows: list[str] | None) -> argparse.ArgumentPars
     parser.add_argument("--fresh", action="store_true",
                         help="run every named row, even if an equal run is stored under "
                              "another name")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: store the finished run directories <out>/<row> "
+                             "of the named rows and print the table")
     parser.add_argument("overrides", nargs="*")
     return parser

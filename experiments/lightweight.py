@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = row_parser(__doc__, list(ROWS)).parse_args(argv)
     out = Path(args.out)
     stored = run_rows(ROWS, args.rows, args.config, args.clients, args.rounds, out,
-                      args.overrides, fresh=args.fresh)
+                      args.overrides, fresh=args.fresh,
+                      collect=args.collect)
     dense = stored.get("dense")
     dense_sync = (sum(r["sync_bytes_up"] + r["sync_bytes_down"] for r in dense["rounds"])
                   / len(dense["rounds"])) if dense else float("nan")

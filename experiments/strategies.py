@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown rows {unknown}; choose from {list(rows)}")
     out = Path(args.out)
     stored = run_rows(rows, names, args.config, args.clients, args.rounds, out, args.overrides,
-                      fresh=args.fresh)
+                      fresh=args.fresh,
+                      collect=args.collect)
     mine = {k: v for k, v in stored.items() if k in rows and v["config"] == args.config
             and v["clients"] == args.clients}  # the store is shared with other tables
     results = {name: summarize(name, entry["rounds"]) for name, entry in mine.items()}
