@@ -122,6 +122,75 @@ def run_config_toml(overrides: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _absolute(path: str, app_dir: Path) -> str:
+    """``path`` made absolute against the current folder, then ``app_dir``, if it exists
+    there; absolute paths, ``python:`` references and paths found nowhere unchanged."""
+    if not path or path.startswith("python:") or Path(path).expanduser().is_absolute():
+        return path
+    for base in (Path.cwd(), app_dir):
+        if (base / path).exists():
+            return str((base / path).resolve())
+    return path
+
+
+def absolute_path_overrides(app_dir: str | os.PathLike,
+                            overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides that turn the run config's relative data files (``data.train``,
+    ``data.test``) and local model folder (``model.path``) into absolute paths.
+
+    The SuperLink runs the ServerApp from its own installed copy of the app
+    (``flwr-home/apps/<app>/``), so a path the YAML config gives relative to the project
+    folder (``../shared/data/sst2/train.tsv``) would resolve there and not exist. Here
+    they are resolved like fedsplit resolves them (the current folder, then the project
+    folder, here ``app_dir``). Paths found in neither place, and config files that
+    cannot be read, are left alone: the ServerApp's preflight then names the problem.
+    (Only the YAML file and the overrides are read, not a validated config: that needs
+    the app's strategies importable, which the caller's environment may not have.)
+    """
+    import yaml
+
+    app_dir = Path(app_dir).resolve()
+    path = str(overrides.get("config", "") or "")
+    if not path:
+        try:
+            app_config = tomllib.loads((app_dir / "pyproject.toml").read_text())
+            path = str(app_config["tool"]["flwr"]["app"]["config"].get("config", ""))
+        except (OSError, KeyError, AttributeError, tomllib.TOMLDecodeError):
+            path = ""
+    values: dict[str, Any] = {}
+    if path:
+        candidates = [Path(path).expanduser()] if Path(path).expanduser().is_absolute() else \
+            [app_dir / path, app_dir / "configs" / path, Path.cwd() / path]
+        for file in candidates:
+            if file.is_file():
+                try:
+                    data = yaml.safe_load(file.read_text()) or {}
+                except (OSError, yaml.YAMLError):
+                    break
+                if isinstance(data, dict):
+                    for sec, key in (("data", "train"), ("data", "test"), ("model", "path")):
+                        body = data.get(sec)
+                        if isinstance(body, dict) and key in body:
+                            values[f"{sec}.{key}"] = body[key]
+                break
+    for key in ("data.train", "data.test", "model.path"):
+        if overrides.get(key, "") != "":
+            values[key] = overrides[key]
+    out: dict[str, Any] = {}
+    for key in ("data.train", "data.test"):
+        raw = values.get(key) or []
+        paths = [x.strip() for x in raw.split(",")] if isinstance(raw, str) else \
+            [str(x) for x in raw]
+        resolved = [_absolute(x, app_dir) for x in paths if x]
+        if resolved != [x for x in paths if x]:
+            out[key] = ",".join(resolved)  # fedsplit reads a string list as `a, b`
+    model_path = str(values.get("model.path") or "")
+    resolved_model = _absolute(model_path, app_dir)
+    if resolved_model != model_path and Path(resolved_model).is_dir():
+        out["model.path"] = resolved_model
+    return out
+
+
 def superlink_command(certs: CertPaths, host: str, port: int, database: str | None,
                       program: str = "flower-superlink") -> list[str]:
     """The ``flower-superlink`` command line of a deployment."""
@@ -471,7 +540,9 @@ class Deployment:
             raise DeployError(f"the deployment folder {self.folder} is inside the app folder "
                               f"{app_dir}: its state and run files would be shipped with "
                               "every run; create it elsewhere (e.g. --dir ~/fed)")
-        config = self.run_overrides(dict(overrides or {}), run_name)
+        overrides = dict(overrides or {})
+        overrides.update(absolute_path_overrides(app_dir, overrides))
+        config = self.run_overrides(overrides, run_name)
         config_file = self.folder / "runs" / f"{run_name}.run-config.toml"
         config_file.parent.mkdir(parents=True, exist_ok=True)
         config_file.write_text(run_config_toml(config))

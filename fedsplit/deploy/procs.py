@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MARKER_ENV = "FEDSPLIT_DEPLOY_ID"
+CHUNK_ENV = "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE"  # flwr.common.constant; default 5 MiB
+DEFAULT_CHUNK_BYTES = 1 << 20  # see tool_env
 
 
 @dataclass
@@ -45,6 +47,16 @@ def tool_env(extra: Mapping[str, str] | None = None, marker: str | None = None) 
     # deployment's processes talk to the SuperLink only.
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    # Flower cuts every array of a message into objects of at most this many bytes (the
+    # ServerApp and ClientApp read it, inheriting it from the SuperLink / SuperNode) and
+    # moves each object in one HTTPS request, two at a time. A transfer slower than
+    # ~30 s fails and starts again from zero: the SuperLink (uvicorn) closes a connection
+    # 5 s after it has *queued* a response and aborts the TLS close after 30 s more, and
+    # the SuperNode waits 30 s for the answer to an upload. Flower's default 5 MiB
+    # objects take ~42 s each at 2 Mbit/s: the 59 MB MiniLM segment then crossed such a
+    # link with 2.5x its bytes in ~10 min, and the reply never arrived (its push session
+    # expired). 1 MiB objects (~8 s each at 2 Mbit/s) arrive at ~90 % of the link rate.
+    env.setdefault(CHUNK_ENV, str(DEFAULT_CHUNK_BYTES))
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env.update(extra or {})
