@@ -141,7 +141,7 @@ def test_quantize_fp16_scale_overflow_asks_for_fp32() -> None:
 
 def test_dropout_positions_follow_seed_and_step_not_direction() -> None:
     d = Dropout(p=0.4)
-    n = 600
+    n = 1000
     a = d.kept_positions(n, ctx_(3, "up"))
     assert torch.equal(a, d.kept_positions(n, ctx_(3, "down")))
     assert not torch.equal(a, d.kept_positions(n, ctx_(4, "up")))
