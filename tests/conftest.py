@@ -82,6 +82,14 @@ def _marked_pids(marker: str) -> set[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    except OSError:
+        return "?"
+
+
 @pytest.fixture
 def no_leftover_ray(monkeypatch):
     """Fails the test if processes it started (Ray's, a killed driver's) outlive it by 60 s.
@@ -110,5 +118,6 @@ def no_leftover_ray(monkeypatch):
     while _marked_pids(marker) and time.monotonic() < deadline:
         time.sleep(0.5)
     left = _marked_pids(marker)
+    described = {pid: _cmdline(pid) for pid in sorted(left)}
     kill_marked()
-    assert not left, f"the test left processes running: {sorted(left)}"
+    assert not left, f"the test left processes running: {described}"
