@@ -49,7 +49,7 @@ SETTINGS: dict[str, list[str]] = {
 }
 
 
-def build(cfg: Any, weights: dict[str, torch.Tensor]) -> tuple[Any, Any, MemoryMeter, Any]:
+def build(cfg: Any, weights: dict[str, torch.Tensor]) -> tuple[Any, Any, MemoryMeter]:
     """The client segment of one setting at its target, its optimizer and meter."""
     task = Task(cfg)
     segment = task.split(pretrained=False).client
@@ -59,7 +59,7 @@ def build(cfg: Any, weights: dict[str, torch.Tensor]) -> tuple[Any, Any, MemoryM
     optimizer = make_optimizer(segment.parameters(), cfg.train)
     light.attach(segment, optimizer)
     segment.train()
-    return segment, optimizer, MemoryMeter(segment, optimizer), light
+    return segment, optimizer, MemoryMeter(segment, optimizer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     for _ in range(args.repeats):
         for batch in batches:
-            for name, (segment, optimizer, meter, _) in runs.items():
+            for name, (segment, optimizer, meter) in runs.items():
                 t0 = time.perf_counter()
                 with meter.forward():
                     cut = segment(batch)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
              f"settings interleaved batch by batch; {torch.get_num_threads()} threads.", "",
              "| setting | trained params | s/batch (mean) | s/batch (median) | vs dense | "
              "peak MiB |", "|---|---:|---:|---:|---:|---:|"]
-    for name, (segment, _, meter, _) in runs.items():
+    for name, (segment, _, meter) in runs.items():
         t = times[name]
         params = sum(p.numel() for p in segment.parameters() if p.requires_grad)
         mean = statistics.mean(t)

@@ -32,38 +32,36 @@ def run_rows(rows: dict[str, list[str]], names: list[str], config: str, clients:
     for name in names:
         overrides = [f"train.rounds={rounds}", "run.progress=false", f"run.output-dir={out}",
                      f"run.name={name}", *rows[name], *extra]
-        same = [k for k, v in stored.items() if k != name and v["config"] == config
-                and v["clients"] == clients
-                and v["command_overrides"][:3] + v["command_overrides"][4:]
-                == overrides[:3] + overrides[4:]]
         if collect:  # adopt the finished run directory instead of running it again
             run_dir = out / name
             if not (run_dir / "metrics.jsonl").exists():
                 raise SystemExit(f"--collect: no finished run in {run_dir}; run the row "
                                  "without --collect first.")
-            stored = _store_row(store, name, overrides, config, clients, run_dir)
-            continue
-        if same and not fresh:
-            stored[name] = {**stored[same[0]], "reused": same[0]}
-            store.write_text(json.dumps(stored, indent=1))
-            continue
-        run_dir = simulate(config, overrides, clients=clients)
-        stored = _store_row(store, name, overrides, config, clients, run_dir)
+        else:
+            same = [k for k, v in stored.items() if k != name and v["config"] == config
+                    and v["clients"] == clients
+                    and v["command_overrides"][:3] + v["command_overrides"][4:]
+                    == overrides[:3] + overrides[4:]]
+            if same and not fresh:
+                stored = _store(store, name, {**stored[same[0]], "reused": same[0]})
+                continue
+            run_dir = simulate(config, overrides, clients=clients)
+        clients_file = run_dir / "clients.jsonl"
+        stored = _store(store, name, {
+            "command_overrides": overrides, "config": config, "clients": clients,
+            "rounds": read_metrics(run_dir),
+            "clients_rows": [json.loads(line) for line in clients_file.read_text().splitlines()
+                             if line.strip()],
+        })
     return stored
 
 
-def _store_row(store: Path, name: str, overrides: list[str], config: str, clients: int,
-               run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Add one finished run to ``store``; returns the store's new contents."""
-    clients_file = run_dir / "clients.jsonl"
-    entry = {
-        "command_overrides": overrides, "config": config, "clients": clients,
-        "rounds": read_metrics(run_dir),
-        "clients_rows": [json.loads(line) for line in clients_file.read_text().splitlines()
-                         if line.strip()],
-    }
-    # Another benchmark may have stored rows meanwhile: merge into the file's current
-    # contents instead of overwriting them with this process's old view.
+def _store(store: Path, name: str, entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Write one row into ``store``; returns the store's new contents.
+
+    Another benchmark may have stored rows meanwhile: merge into the file's current
+    contents (atomically) instead of overwriting them with this process's old view.
+    """
     stored = {**(json.loads(store.read_text()) if store.exists() else {}), name: entry}
     tmp = store.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(stored, indent=1))

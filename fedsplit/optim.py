@@ -16,12 +16,11 @@ import torch
 
 
 def _fusable(params: list[torch.nn.Parameter]) -> bool:
-    """Whether torch's fused Adam/AdamW kernel takes these parameters (dense floating
-    tensors on one CPU or CUDA device)."""
+    """Whether torch's fused Adam/AdamW kernel takes these parameters (floating tensors
+    on one CPU or CUDA device)."""
     devices = {p.device.type for p in params}
     return (bool(params) and len(devices) == 1 and devices <= {"cpu", "cuda"}
-            and all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-                    and not p.is_sparse for p in params))
+            and all(p.is_floating_point() for p in params))
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], train_cfg: Any) -> torch.optim.Optimizer:

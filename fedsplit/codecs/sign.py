@@ -96,7 +96,7 @@ class Sign(Codec):
                              f"(|x| up to {x.abs().max().item():.4g}); use scale_dtype: fp32.")
         bits = (vals >= 0).to(torch.uint8).numpy()
         return b"".join([write_header(self, x.shape),
-                         floats_to_bytes(scale.float(), self.scale_dtype),
+                         floats_to_bytes(scale, self.scale_dtype),
                          pack_bits(bits, 1)])
 
     def decode(self, data: bytes, ctx: CodecContext) -> torch.Tensor:
