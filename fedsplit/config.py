@@ -173,8 +173,10 @@ class PruneConfig:
                        choices=("cubic", "linear", "constant"))
     start_round: int = _f(1, "First round of the ramp.", lo=1)
     end_round: int = _f(0, "Round the target is reached (0 = the last round).", lo=0)
-    scope: str = _f("global", "Unstructured: rank weights across the segment (`global`) or "
-                    "within each tensor (`layer`).", choices=("global", "layer"))
+    scope: str = _f("global", "Unstructured: rank weights by magnitude across the segment "
+                    "(`global`), within each tensor (`layer`), or by layer-adaptive "
+                    "magnitude scores across the segment (`lamp`, Lee et al. 2021).",
+                    choices=("global", "layer", "lamp"))
     embeddings: bool = _f(False, "Unstructured: prune embedding matrices too.")
 
 
@@ -189,7 +191,9 @@ class QuantConfig:
                             choices=("per-tensor", "per-channel"))
     update_delta: bool = _f(True, "Send the change against the received global segment "
                             "(smaller range) rather than the weights.")
-    down_int8: bool = _f(False, "Server -> client global segment in int8 (per channel).")
+    down_int8: bool = _f(False, "Server -> client global segment in int8 (per channel); the "
+                         "server keeps its float32 segment and adds the clients' changes "
+                         "to it.")
     compress: bool = _f(False, "zlib (level 1, lossless) over the packed model-sync payloads "
                         "(quantized updates, int8 global): zero changes, e.g. the embedding "
                         "rows of tokens a client never saw, cost almost nothing. Needs "

@@ -113,9 +113,15 @@ def encode_client(cfg: Any, state: Mapping[str, torch.Tensor],
 
 
 def decode_client(record: ArrayRecord, reference: StateDict,
+                  base: StateDict | None = None,
                   ) -> tuple[StateDict, dict[str, torch.Tensor] | None]:
-    """Server: a client's trained segment and its masks (``None`` for plain arrays)."""
+    """Server: a client's trained segment and its masks (``None`` for plain arrays).
+
+    ``reference`` is what the client decoded (:func:`encode_global`'s second value);
+    ``base``, the server's full-precision segment it came from: a delta update is applied
+    to ``base``, so an int8 downlink's rounding does not accumulate in the global
+    segment (see :func:`~fedsplit.quantization.decode_update`)."""
     data = _payload(record, UPDATE_KEY)
     if data is None:
         return record.to_torch_state_dict(), None
-    return decode_update(data, reference=reference)
+    return decode_update(data, reference=reference, base=base)

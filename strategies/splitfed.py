@@ -32,7 +32,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -73,6 +73,15 @@ from strategies.protocol import (  # noqa: F401  (re-exported: the ClientApp imp
 )
 
 MODE_SEGMENTS = {"sflv1": "replica", "sflv2": "shared"}  # train.mode -> server route
+
+
+class SentSegment(NamedTuple):
+    """What one client was sent this round, kept to decode its reply."""
+
+    plan: ClientPlan
+    reference: dict[str, torch.Tensor]  # what the client decoded (its delta's origin)
+    base: dict[str, torch.Tensor]  # the full-precision segment it was encoded from
+    keys: dict[str, str]  # client state-dict key -> global key
 
 
 def _natural(key: str) -> list[Any]:
@@ -126,8 +135,8 @@ class SplitFedAvg(FedAvg):
         self.extras: dict[str, nn.Module] = {}
         # Union of kept elements after the last mask-aware aggregation (global keys).
         self.global_masks: dict[str, torch.Tensor] | None = None
-        # What each client of this round received: plan, delta reference, key map.
-        self._sent: dict[int, tuple[ClientPlan, dict[str, torch.Tensor], dict[str, str]]] = {}
+        # What each client of this round received.
+        self._sent: dict[int, SentSegment] = {}
         self._start_state: dict[str, torch.Tensor] | None = None
         # Clients by a stable key (partition id / node name), learned by one query at the
         # start: node ids are random per run, keys are not, so sampling, data cursors and
@@ -340,8 +349,7 @@ class SplitFedAvg(FedAvg):
         return ArrayRecord({k: v.detach().clone()
                             for k, v in layout.split(layout.default_cut).client.state_dict().items()})
 
-    def _client_record(self, plan: ClientPlan,
-                       ) -> tuple[ArrayRecord, dict[str, torch.Tensor], dict[str, str]]:
+    def _client_record(self, plan: ClientPlan) -> tuple[ArrayRecord, SentSegment]:
         layout = self._require_layout()
         module = layout.client_module(plan, aux=self.aux_head(plan))  # type: ignore[arg-type]
         keys = layout.key_map(module, self._extras_for(plan))
@@ -350,7 +358,7 @@ class SplitFedAvg(FedAvg):
         if self.global_masks:
             masks = {k: self.global_masks[g] for k, g in keys.items() if g in self.global_masks}
         record, reference = encode_global(self.cfg, ArrayRecord(state), masks or None)
-        return record, reference, keys
+        return record, SentSegment(plan, reference, state, keys)
 
     # ------------------------------------------------------------------ run loop
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
@@ -442,15 +450,14 @@ class SplitFedAvg(FedAvg):
         tickets = self.channel.open_round(server_round, [str(n) for n in on_channel],
                                           self.round_timeout, codecs=codecs, seeds=seeds,
                                           routes=routes)
-        records: dict[ClientPlan, tuple[ArrayRecord, dict[str, torch.Tensor], dict[str, str]]] = {}
+        records: dict[ClientPlan, tuple[ArrayRecord, SentSegment]] = {}
         self._sent = {}
         messages = []
         for node_id in node_ids:
             plan = plans[node_id]
             if plan not in records:
                 records[plan] = self._client_record(plan)
-            arrays_out, reference, keys = records[plan]
-            self._sent[node_id] = (plan, reference, keys)
+            arrays_out, self._sent[node_id] = records[plan]
             record = ConfigRecord(dict(config))
             record[KEY_ROUND] = server_round
             record[KEY_RUN_CONFIG] = json.dumps(self.run_config)
@@ -477,7 +484,7 @@ class SplitFedAvg(FedAvg):
             log(WARNING, "aggregate_train: a reply from node %d, which was not sent a train "
                 "message this round; ignored.", node)
             return None
-        plan, reference, keys = self._sent[node]
+        plan, keys = self._sent[node].plan, self._sent[node].keys
         if len(msg.content.array_records) != 1 or len(msg.content.metric_records) != 1:
             log(WARNING, "aggregate_train: node %d replied with %d ArrayRecords and %d "
                 "MetricRecords, expected one of each; its update is skipped.", node,
@@ -490,7 +497,7 @@ class SplitFedAvg(FedAvg):
             return None
         try:
             state, masks = decode_client(next(iter(msg.content.array_records.values())),
-                                         reference)
+                                         self._sent[node].reference, self._sent[node].base)
         except (QuantizationError, SyncError) as exc:  # one bad client must not end the round
             log(WARNING, "aggregate_train: node %d's segment update does not decode (%s); "
                 "its update is skipped.", node, exc)
@@ -523,8 +530,8 @@ class SplitFedAvg(FedAvg):
         client_sums = self.aggregate_client_segments(server_round, updates)
         stats.clients_metrics = [
             dict(rec) | {"node": m.metadata.src_node_id,
-                         **({"cut": self._sent[m.metadata.src_node_id][0].cut,
-                             "mode": self._sent[m.metadata.src_node_id][0].mode}
+                         **({"cut": self._sent[m.metadata.src_node_id].plan.cut,
+                             "mode": self._sent[m.metadata.src_node_id].plan.mode}
                             if m.metadata.src_node_id in self._sent else {})}
             for m in valid for rec in m.content.metric_records.values()]
         stats.traffic = self.channel.close_round()

@@ -132,3 +132,42 @@ def test_compress_needs_a_packed_payload():
 
     with pytest.raises(ConfigError, match="quant.compress"):
         load_config("configs/default.yaml", ["quant.compress=true"])
+
+
+def test_int8_downlink_rounding_does_not_accumulate_in_the_global_segment():
+    """With an int8 downlink the server applies each client's change to its own float32
+    segment (``base``): a client that changed nothing gives back exactly that segment, and
+    small changes add up over rounds instead of being rounded away each round."""
+    seg, cfg = segment_and_cfg("quant.update-bits=8", "quant.down-int8=true")
+    full = {k: v.clone() for k, v in seg.state_dict().items()}
+    sent, reference = encode_global(cfg, ArrayRecord(full))
+    weight = next(k for k, v in full.items() if v.dim() >= 2)
+    assert not torch.equal(reference[weight], full[weight])  # the downlink is lossy
+    unchanged = encode_client(cfg, decode_global(sent), None, reference, seed=0)
+    back, _ = decode_client(unchanged, reference, base=full)
+    assert torch.allclose(back[weight], full[weight], atol=1e-7)
+    rounded, _ = decode_client(unchanged, reference)  # without base: the rounded segment
+    assert torch.equal(rounded[weight], reference[weight])
+
+    # Ten rounds of a change a fifth of an int8 step: with base the change accumulates;
+    # re-deriving the global segment from the rounded one loses it.
+    w = full[weight]
+    step = w.flatten(1).abs().amax(dim=1).view(-1, *[1] * (w.dim() - 1)) / 127
+    signs = torch.randint(0, 2, w.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    change = 0.2 * step * signs  # the same small push every round
+    with_base, without = {k: v.clone() for k, v in full.items()}, {
+        k: v.clone() for k, v in full.items()}
+    for round_ in range(10):
+        for state, use_base in ((with_base, True), (without, False)):
+            sent, reference = encode_global(cfg, ArrayRecord(state))
+            trained = decode_global(sent)
+            trained[weight] = trained[weight] + change
+            record = encode_client(cfg, trained, None, reference, seed=round_)
+            new, _ = decode_client(record, reference, base=state if use_base else None)
+            state.update(new)
+    moved = ((with_base[weight] - full[weight]) / change).mean()
+    assert (moved - 10).abs() < 0.5  # ten rounds' worth of change
+    lost = ((without[weight] - full[weight]) / change).mean()
+    # Rounded back to the same int8 value in most rounds (the grid itself moves a little
+    # when a channel's largest weight changes): much of the change is gone.
+    assert lost < 7

@@ -51,6 +51,7 @@ from fedsplit.pruning.masks import (
     Masks,
     apply_masks,
     compute_masks,
+    lamp_scores,
     mask_sparsity,
     prunable_parameters,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "apply_masks",
     "apply_structured",
     "compute_masks",
+    "lamp_scores",
     "expand_state_dict",
     "mask_sparsity",
     "masked_average",

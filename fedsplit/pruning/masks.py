@@ -101,11 +101,35 @@ def _keep_largest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     return keep
 
 
+def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
+    """Layer-adaptive magnitude scores (LAMP; Lee et al., ICLR 2021) of one weight tensor.
+
+    With the tensor's elements sorted by magnitude, ``|w_1| <= |w_2| <= ... <= |w_n|``::
+
+        score(u) = w_u^2 / sum_{v >= u} w_v^2
+
+    Within a tensor the order is the magnitude order, so ranking by score prunes the
+    smallest weights first, exactly like plain magnitude pruning. Across tensors the scores
+    are comparable: each tensor's largest weight scores 1, and a tensor whose weights are
+    all alike keeps more of them than one global magnitude threshold would leave it. One
+    global threshold over LAMP scores thus chooses how sparse each tensor gets without
+    per-layer tuning. Already-zero weights score 0. Ties are ordered by position.
+
+    Returns a float64 tensor of ``weight``'s shape on the CPU.
+    """
+    sq = weight.detach().flatten().double().cpu().square()
+    ordered, order = torch.sort(sq, stable=True)
+    tail = ordered.flip(0).cumsum(0).flip(0)  # sum of the squares at or above each position
+    scores = torch.empty_like(sq)
+    scores[order] = torch.where(tail > 0, ordered / tail.clamp_min(1e-300), 0.0)
+    return scores.view(weight.shape)
+
+
 def compute_masks(
     module: nn.Module,
     sparsity: float,
     *,
-    scope: Literal["global", "layer"] = "global",
+    scope: Literal["global", "layer", "lamp"] = "global",
     include: tuple[type[nn.Module], ...] = PRUNABLE_TYPES,
     exclude: Iterable[str] = (),
 ) -> Masks:
@@ -120,7 +144,9 @@ def compute_masks(
     scope
         ``"global"``: one magnitude threshold over all prunable weights together (layers
         with small weights lose more); ``"layer"``: each weight tensor loses the same
-        fraction.
+        fraction; ``"lamp"``: one threshold over layer-adaptive magnitude scores
+        (:func:`lamp_scores`): each tensor is pruned in magnitude order, and how much of
+        each is pruned adapts to its magnitude distribution.
     include, exclude
         Which weights are prunable; see :func:`prunable_parameters`.
 
@@ -131,8 +157,8 @@ def compute_masks(
         Weights not listed (biases, norms, excluded keys) are dense.
     """
     _check_sparsity(sparsity)
-    if scope not in ("global", "layer"):
-        raise PruningError(f"scope must be 'global' or 'layer', found {scope!r}.")
+    if scope not in ("global", "layer", "lamp"):
+        raise PruningError(f"scope must be 'global', 'layer' or 'lamp', found {scope!r}.")
     params = prunable_parameters(module, include=include, exclude=exclude)
     if not params:
         raise PruningError(
@@ -146,7 +172,10 @@ def compute_masks(
                 .view(p.shape)
                 for key, p in params.items()
             }
-        scores = torch.cat([p.detach().abs().flatten().float().cpu() for p in params.values()])
+        if scope == "lamp":
+            scores = torch.cat([lamp_scores(p).flatten() for p in params.values()])
+        else:
+            scores = torch.cat([p.detach().abs().flatten().float().cpu() for p in params.values()])
         keep = _keep_largest(scores, round(sparsity * scores.numel()))
         masks: Masks = {}
         start = 0

@@ -427,6 +427,7 @@ def decode_update(
     reference: StateDict | None = None,
     *,
     delta_only: bool = False,
+    base: StateDict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Decode :func:`encode_update` bytes into ``(state_dict, masks)``.
 
@@ -440,6 +441,13 @@ def decode_update(
     delta_only
         For delta payloads: return the decoded difference itself (e.g. for server
         optimizers working on pseudo-gradients) instead of ``reference + delta``.
+    base
+        For delta payloads: return ``base + delta`` instead of ``reference + delta``
+        (``reference`` is still checked). When the client received a quantized global
+        segment (``reference``), ``base`` is the full-precision one it was quantized
+        from: the server applies the client's change to its own weights, so the
+        downlink's rounding is not written into the global segment every round (where
+        changes smaller than half a rounding step would be lost).
 
     Returns
     -------
@@ -471,8 +479,11 @@ def decode_update(
                 f"{head.reference_crc:#010x}, the given one has {crc:#010x}. Pass exactly "
                 "the global state the client received (after any downlink quantization)."
             )
+        start = reference if base is None else base
+        if base is not None:
+            _check_reference(base, values, float_keys)
         for key in float_keys:
-            full = reference[key].detach().cpu().to(torch.float64) + values[key]
+            full = start[key].detach().cpu().to(torch.float64) + values[key]
             values[key] = torch.where(masks[key], full, 0.0) if key in masks else full
     return {k: v.to(dtypes[k]) for k, v in values.items()}, masks
 

@@ -8,6 +8,7 @@ from fedsplit.pruning import (
     PruningError,
     apply_masks,
     compute_masks,
+    lamp_scores,
     mask_sparsity,
     prunable_parameters,
 )
@@ -44,6 +45,36 @@ def test_layer_masks_prune_each_tensor_equally(cnn_segment):
     for key, p in prunable_parameters(cnn_segment).items():
         assert int((~masks[key]).sum()) == round(0.3 * p.numel())
         assert masks[key].dtype == torch.bool and masks[key].shape == p.shape
+
+
+def test_lamp_scores_by_hand():
+    w = torch.tensor([[1.0, -3.0], [2.0, 0.0]])
+    # squares sorted: 0, 1, 4, 9 -> tails 14, 14, 13, 9
+    expected = torch.tensor([[1 / 14, 9 / 9], [4 / 13, 0.0]], dtype=torch.float64)
+    assert torch.allclose(lamp_scores(w), expected)
+    assert lamp_scores(torch.zeros(3)).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_lamp_masks_prune_in_magnitude_order_and_adapt_per_tensor():
+    seg = nn.Sequential(nn.Linear(10, 10, bias=False), nn.Linear(10, 10, bias=False))
+    with torch.no_grad():
+        # tensor 0: alike, small magnitudes; tensor 1: a few large weights and many that
+        # are negligible next to them but larger than all of tensor 0
+        seg[0].weight.copy_(torch.linspace(0.09, 0.1, 100).view(10, 10))
+        big = torch.full((100,), 0.5)
+        big[:10] = 100.0
+        seg[1].weight.copy_(big.view(10, 10))
+    glob = compute_masks(seg, 0.5, scope="global")
+    assert int(glob["0.weight"].sum()) == 0  # magnitude: the uniform tensor is gone
+    masks = compute_masks(seg, 0.5, scope="lamp")
+    assert sum(int((~m).sum()) for m in masks.values()) == 100
+    # LAMP prunes the tensor with many negligible weights harder, keeps most of tensor 0
+    assert int(masks["0.weight"].sum()) == 90 and int(masks["1.weight"].sum()) == 10
+    for key, p in prunable_parameters(seg).items():  # within a tensor: magnitude order
+        kept, pruned = p.detach().abs()[masks[key]], p.detach().abs()[~masks[key]]
+        if len(kept) and len(pruned):
+            assert kept.min() >= pruned.max()
+    assert masks["1.weight"].view(-1)[:10].all()  # the large weights survive
 
 
 def test_ties_are_broken_deterministically():
