@@ -52,6 +52,17 @@ def kept_per_row(c: int, keep: float) -> int:
     return c - math.floor((1.0 - keep) * c + 0.5)
 
 
+def seeded_positions(rows: int, cols: int, keep: float, ctx: CodecContext,
+                     label: str) -> torch.Tensor | None:
+    """``(rows, n_keep)`` sorted column indices of the values sent at fraction ``keep``,
+    drawn from the message's shared generator (so both sides agree); None = all."""
+    n_keep = kept_per_row(cols, keep)
+    if n_keep == cols:
+        return None
+    noise = torch.rand(rows, cols, generator=ctx.generator(label))
+    return noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values
+
+
 @register_codec
 class Sign(Codec):
     """Scaled signs, one bit per sent value.
@@ -74,11 +85,7 @@ class Sign(Codec):
 
     def positions(self, rows: int, cols: int, ctx: CodecContext) -> torch.Tensor | None:
         """``(rows, n_keep)`` sorted column indices of the sent values; None = all."""
-        n_keep = kept_per_row(cols, self.keep)
-        if n_keep == cols:
-            return None
-        noise = torch.rand(rows, cols, generator=ctx.generator("sign"))
-        return noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values
+        return seeded_positions(rows, cols, self.keep, ctx, "sign")
 
     def encode(self, x: torch.Tensor, ctx: CodecContext) -> bytes:
         x = prepare(x, self.name)

@@ -21,7 +21,8 @@ import torch
 from fedsplit.codecs import CODECS, CodecContext, CodecError, build_codec
 from fedsplit.codecs.dropout import Dropout
 from fedsplit.codecs.rotate import Rotate
-from fedsplit.codecs.sign import Sign, kept_per_row
+from fedsplit.codecs.lloyd import LEVELS
+from fedsplit.codecs.sign import Sign, kept_per_row, seeded_positions
 
 
 def H(ndim: int) -> int:
@@ -97,6 +98,17 @@ def bytes_sign(spec: dict, shape: tuple[int, ...], ctx: CodecContext) -> int:
 
 def bytes_rotate_sign(spec: list, shape: tuple[int, ...], ctx: CodecContext) -> int:
     return H(len(shape)) + bytes_sign(spec[1], shape, ctx)
+
+
+def bytes_lloyd(spec: dict, shape: tuple[int, ...], ctx: CodecContext) -> int:
+    rows, cols = matrix(shape)
+    scale_size = {"fp16": 2, "fp32": 4}[spec.get("scale_dtype", "fp16")]
+    n = rows * kept_per_row(cols, spec.get("keep", 1.0))
+    return H(len(shape)) + 2 * rows * scale_size + math.ceil(n * spec.get("bits", 2) / 8)
+
+
+def bytes_rotate_lloyd(spec: list, shape: tuple[int, ...], ctx: CodecContext) -> int:
+    return H(len(shape)) + bytes_lloyd(spec[1], shape, ctx)
 
 
 def bytes_delta_first(spec: Any, shape: tuple[int, ...], ctx: CodecContext) -> int:
@@ -235,6 +247,47 @@ def check_rotate_sign(spec, x, y, ctx, data):
     check_signs(spec[1], z, zhat, ctx, atol=1e-5 * float(z.abs().max()) + 1e-7)
 
 
+def check_lloyds(spec: dict, z: torch.Tensor, zhat: torch.Tensor, ctx: CodecContext,
+                 atol: float) -> None:
+    """``zhat`` = the lloyd codec's decode of ``z``: row mean ``m`` and spread ``s`` (RMS
+    around ``m``) of the kept values; kept values ``m + s * level`` with the Gaussian
+    level nearest to ``(z - m) / s``; dropped values ``m``."""
+    rows, cols = matrix(tuple(z.shape))
+    keep = spec.get("keep", 1.0)
+    z2, y2 = z.reshape(rows, cols).double(), zhat.reshape(rows, cols).double()
+    idx = seeded_positions(rows, cols, keep, ctx, "lloyd")
+    kept = torch.ones(rows, cols, dtype=torch.bool)
+    if idx is not None:
+        kept = torch.zeros(rows, cols, dtype=torch.bool).scatter_(1, idx, True)
+    n = kept.sum(1).clamp_min(1)
+    zk = torch.where(kept, z2, torch.zeros(()))
+    m = zk.sum(1) / n
+    s = (torch.where(kept, z2 - m[:, None], torch.zeros(())).square().sum(1) / n).sqrt()
+    rel = 2**-10 if spec.get("scale_dtype", "fp16") == "fp16" else 1e-6
+    levels = torch.tensor(LEVELS[spec.get("bits", 2)], dtype=torch.float64)
+    # Each kept value lands on a level of its row, and on the nearest one unless its
+    # value sits within the scale rounding of a decision threshold.
+    tol = rel * (m.abs() + 3 * s)[:, None] + atol
+    on_grid = (y2[:, :, None] - (m[:, None, None] + s[:, None, None] * levels)).abs().amin(-1)
+    assert bool((on_grid[kept] <= 2 * tol.expand(rows, cols)[kept]).all())
+    best = (z2[:, :, None] - (m[:, None, None] + s[:, None, None] * levels)).abs().amin(-1)
+    err = (y2 - z2).abs()
+    assert bool((err[kept] <= (best + 4 * tol).expand(rows, cols)[kept]).all())
+    assert bool(((y2 - m[:, None]).abs()[~kept] <= tol.expand(rows, cols)[~kept]).all())
+
+
+def check_lloyd(spec, x, y, ctx, data):
+    check_lloyds(spec, x, y, ctx, atol=0.0)
+
+
+def check_rotate_lloyd(spec, x, y, ctx, data):
+    rows, cols = matrix(tuple(x.shape))
+    m = Rotate().matrix(cols, ctx).double()
+    z = x.reshape(rows, cols).double() @ m
+    zhat = y.reshape(rows, cols).double() @ m
+    check_lloyds(spec[1], z, zhat, ctx, atol=1e-5 * float(z.abs().max()) + 1e-7)
+
+
 def check_error_feedback(spec, x, y, ctx, data):
     check_quantize(spec["inner"], x, y, ctx, data)  # first send: no residual yet
 
@@ -272,6 +325,12 @@ EXAMPLES: dict[str, list[Example]] = {
              Example(dict(name="sign", keep=0.6, scale_dtype="fp32"), bytes_sign, check_sign),
              Example(["rotate", dict(name="sign", keep=0.8)], bytes_rotate_sign,
                      check_rotate_sign)],
+    "lloyd": [Example(dict(name="lloyd"), bytes_lloyd, check_lloyd),
+              Example(dict(name="lloyd", bits=1, keep=0.6, scale_dtype="fp32"), bytes_lloyd,
+                      check_lloyd),
+              Example(dict(name="lloyd", bits=3), bytes_lloyd, check_lloyd),
+              Example(["rotate", dict(name="lloyd", bits=2)], bytes_rotate_lloyd,
+                      check_rotate_lloyd)],
     "delta": [Example("delta", bytes_delta_first, check_real_tokens_exact),
               Example(dict(name="delta", bits=4, cache_dtype="fp16"), bytes_delta_first,
                       check_real_tokens_exact)],
