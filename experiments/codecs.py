@@ -49,6 +49,10 @@ ROWS: dict[str, list[str]] = {
                     f"codec.down={DP_ROT_SIGN.format(keep=1.0)}"],
     "dp-rot-sign80": [f"codec.up={DP_ROT_SIGN.format(keep=0.8)}",
                       f"codec.down={DP_ROT_SIGN.format(keep=0.8)}"],
+    # Activations: rotation, then 2-bit Lloyd-Max levels (deterministic, MSE-optimal for
+    # the near-Gaussian rotated values); gradients: rotation + unbiased 1-bit signs.
+    "dp-rot-lloyd2": ["codec.up=[drop-padding, rotate, {name: lloyd, bits: 2}]",
+                      f"codec.down={DP_ROT_SIGN.format(keep=1.0)}"],
     "svd16": ["codec.up=[drop-padding, {name: svd, rank: 16, factor-dtype: fp16}]",
               f"codec.down={DP_Q8}"],
     "bneck16": ["model.bottleneck-rank=16", "codec.up=[drop-padding]",

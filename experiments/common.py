@@ -99,3 +99,78 @@ def row_parser(doc: str | None, rows: list[str] | None) -> argparse.ArgumentPars
                              "of the named rows and print the table")
     parser.add_argument("overrides", nargs="*")
     return parser
+
+
+class FinishedModel:
+    """A finished run's global model, for inference probes (``prune_probe``, ``cut_probe``).
+
+    ``split`` holds the checkpoint's client and server segments in eval mode;
+    ``batches`` is the test split in batches of 128, ``train`` the raw training split.
+    """
+
+    def __init__(self, config: str, checkpoint: str) -> None:
+        import torch
+
+        from fedsplit.config import load_config
+        from fedsplit.task import Task, with_resolved_paths
+
+        self.task = Task(with_resolved_paths(load_config(config)))
+        self.split = self.task.split()
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        self.round = ckpt["round"]
+        self.client_state = ckpt["client_segment"]
+        self.split.client.load_state_dict(self.client_state)
+        self.split.server.load_state_dict(ckpt["server_trainer"]["segment"])
+        self.split.client.eval()
+        self.split.server.eval()
+        self.train, test = self.task.datasets()
+        self.batches = list(self.task.loader(self.task.encode(test), 128, shuffle=False))
+        self.header = f"{config}, checkpoint `{checkpoint}` (round {self.round})"
+
+    def accuracy(self, hidden_of: Any = None) -> float:
+        """Test accuracy in %; ``hidden_of(step, batch, cut)`` may replace the cut tensor."""
+        import torch
+
+        correct = total = 0
+        with torch.no_grad():
+            for step, batch in enumerate(self.batches):
+                cut = self.split.client(batch)
+                hidden = cut.hidden if hidden_of is None else hidden_of(step, batch, cut)
+                logits = self.split.server(hidden, cut.side)
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+                total += len(batch["labels"])
+        return 100.0 * correct / total
+
+
+def zero_fractions(state: dict[str, Any]) -> tuple[float, float, float]:
+    """Fractions of zeros in a segment's matrices: embedding tables, the others, all."""
+    parts = {"emb": [0, 0], "other": [0, 0]}
+    for key, value in state.items():
+        if value.dim() == 2 and value.is_floating_point():
+            part = parts["emb" if "embeddings" in key else "other"]
+            part[0] += int((value == 0).sum())
+            part[1] += value.numel()
+    (ze, ne), (zo, no) = parts["emb"], parts["other"]
+    return ze / max(ne, 1), zo / max(no, 1), (ze + zo) / max(ne + no, 1)
+
+
+def probe_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options of the inference probes: which finished model, where the table goes."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/sst2_minilm.yaml")
+    parser.add_argument("--checkpoint", default="runs/bench/dense/checkpoint.pt",
+                        help="a finished run's checkpoint.pt (default: the dense SST-2 row)")
+    parser.add_argument("--out", default=None, help="also write the table to this file")
+    return parser
+
+
+def add_row(lines: list[str], line: str) -> None:
+    """Append a table row and show it at once (probes print as they go)."""
+    lines.append(line)
+    print(line, flush=True)
+
+
+def write_table(lines: list[str], out: str | None) -> None:
+    if out:
+        Path(out).write_text("\n".join(lines) + "\n")
