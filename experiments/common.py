@@ -78,11 +78,24 @@ def final_accuracy(rows: list[dict[str, Any]]) -> float:
     return [r for r in rows if r.get("accuracy") is not None][-1]["accuracy"]
 
 
+class _RowParser(argparse.ArgumentParser):
+    """``--rows a b key=value``: the ``key=value`` words are overrides, not row names
+    (row names have no ``=``), wherever they stand."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        import sys
+
+        words = list(sys.argv[1:] if args is None else args)
+        overrides = [w for w in words if "=" in w and not w.startswith("-")]
+        rest = [w for w in words if w not in overrides]
+        return super().parse_args([*rest, *(["--", *overrides] if overrides else [])],
+                                  namespace)
+
+
 def row_parser(doc: str | None, rows: list[str] | None) -> argparse.ArgumentParser:
     """The options every comparison benchmark takes (``rows``: the allowed row names;
     ``None`` when they are only known after parsing)."""
-    parser = argparse.ArgumentParser(description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _RowParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/sst2_minilm.yaml")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=10)

@@ -1,0 +1,54 @@
+"""Benchmark plumbing that needs no training run: argument parsing, seed tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments import seeds  # noqa: E402
+from experiments.common import row_parser, zero_fractions  # noqa: E402
+
+
+def test_overrides_after_rows_are_not_row_names():
+    parser = row_parser("doc", ["dense", "lamp50-q8"])
+    args = parser.parse_args(["--rows", "dense", "lamp50-q8", "run.seed=2", "--out", "x"])
+    assert args.rows == ["dense", "lamp50-q8"] and args.overrides == ["run.seed=2"]
+    assert args.out == "x"
+    assert parser.parse_args(["run.seed=1"]).rows == ["dense", "lamp50-q8"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--rows", "no-such-row"])
+
+
+def store(folder: Path, seed: int, rows: dict[str, float]) -> None:
+    folder.mkdir()
+    entries = {name: {"command_overrides": ["train.rounds=10", f"run.seed={seed}"],
+                      "rounds": [{"accuracy": 0.5}, {"accuracy": acc}]}
+               for name, acc in rows.items()}
+    (folder / "rows.json").write_text(json.dumps(entries))
+
+
+def test_seed_table_pairs_rows_with_the_reference_of_their_seed(tmp_path, capsys):
+    store(tmp_path / "s0", 0, {"dense": 0.85, "pruned": 0.83})
+    store(tmp_path / "s1", 1, {"dense": 0.84, "pruned": 0.835})
+    out = tmp_path / "table.md"
+    seeds.main(["--stores", str(tmp_path / "s0"), str(tmp_path / "s1"), "--rows", "pruned",
+                "--reference", "dense", "--out", str(out)])
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| pruned"))
+    assert row == "| pruned | 83.00 | 83.50 | 83.25 | -1.25 | -2.00, -0.50 |"
+    with pytest.raises(SystemExit, match="no row 'other'"):
+        seeds.main(["--stores", str(tmp_path / "s0"), "--rows", "pruned",
+                    "--reference", "other"])
+
+
+def test_zero_fractions_split_embeddings_from_the_rest():
+    state = {"embeddings.word.weight": torch.tensor([[0.0, 1.0], [0.0, 0.0]]),
+             "layers.0.weight": torch.tensor([[1.0, 0.0, 2.0, 3.0]]),
+             "layers.0.bias": torch.zeros(4)}  # 1-D: not counted
+    assert zero_fractions(state) == (0.75, 0.25, 0.5)
