@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from fedsplit.config import load_config
 from fedsplit.metrics import read_metrics
 from fedsplit.simulate import simulate
+from fedsplit.task import Task, with_resolved_paths
 
 
 def run_rows(rows: dict[str, list[str]], names: list[str], config: str, clients: int,
@@ -83,8 +88,6 @@ class _RowParser(argparse.ArgumentParser):
     (row names have no ``=``), wherever they stand."""
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
-        import sys
-
         words = list(sys.argv[1:] if args is None else args)
         overrides = [w for w in words if "=" in w and not w.startswith("-")]
         rest = [w for w in words if w not in overrides]
@@ -122,11 +125,6 @@ class FinishedModel:
     """
 
     def __init__(self, config: str, checkpoint: str) -> None:
-        import torch
-
-        from fedsplit.config import load_config
-        from fedsplit.task import Task, with_resolved_paths
-
         self.task = Task(with_resolved_paths(load_config(config)))
         self.split = self.task.split()
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -142,8 +140,6 @@ class FinishedModel:
 
     def accuracy(self, hidden_of: Any = None) -> float:
         """Test accuracy in %; ``hidden_of(step, batch, cut)`` may replace the cut tensor."""
-        import torch
-
         correct = total = 0
         with torch.no_grad():
             for step, batch in enumerate(self.batches):

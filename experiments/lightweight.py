@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from experiments.common import (  # noqa: E402
     final_accuracy,
     row_parser,
@@ -59,8 +61,6 @@ def pruned_split(run_dir: Path) -> str:
     path = run_dir / "checkpoint.pt"
     if not path.exists():
         return "n/a"
-    import torch  # only needed for this column
-
     state = torch.load(path, map_location="cpu", weights_only=False)["client_segment"]
     emb, other, _ = zero_fractions(state)
     return f"{emb:.2f} / {other:.2f}"

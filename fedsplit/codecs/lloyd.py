@@ -36,7 +36,7 @@ from fedsplit.codecs.base import (
     require_finite,
 )
 from fedsplit.codecs.quantize import SCALE_DTYPES, as_matrix_shape
-from fedsplit.codecs.sign import kept_per_row, seeded_positions
+from fedsplit.codecs.sign import kept_per_row, row_floats, seeded_positions
 from fedsplit.codecs.wire import (
     FLOAT_FORMATS,
     Reader,
@@ -81,13 +81,6 @@ class Lloyd(Codec):
         self.thresholds = (self.levels[1:] + self.levels[:-1]) / 2
         super().__init__(bits=self.bits, keep=self.keep, scale_dtype=self.scale_dtype)
 
-    def _floats(self, t: torch.Tensor, what: str, x: torch.Tensor) -> torch.Tensor:
-        t = t.to(torch.float16 if self.scale_dtype == "fp16" else torch.float32)
-        if not bool(torch.isfinite(t).all()):
-            raise CodecError(f"codec 'lloyd': a row {what} exceeds {self.scale_dtype} (|x| up "
-                             f"to {x.abs().max().item():.4g}); use scale_dtype: fp32.")
-        return t
-
     def encode(self, x: torch.Tensor, ctx: CodecContext) -> bytes:
         x = prepare(x, self.name)
         require_finite(x, self.name)
@@ -96,10 +89,11 @@ class Lloyd(Codec):
         vals = x.reshape(rows, cols)
         vals = vals if idx is None else vals.gather(1, idx)  # (rows, n_keep)
         n_keep = max(vals.shape[1], 1)  # empty rows: mean and spread 0
-        mean = self._floats(vals.sum(1, dtype=torch.float64) / n_keep, "mean", x)
+        mean = row_floats(vals.sum(1, dtype=torch.float64) / n_keep, self.scale_dtype, self.name,
+                          "mean", x)
         centred = vals - mean.float().view(rows, 1)  # around the mean the decoder will use
-        spread = self._floats((centred.square().sum(1, dtype=torch.float64) / n_keep).sqrt(),
-                              "spread", x)
+        spread = row_floats((centred.square().sum(1, dtype=torch.float64) / n_keep).sqrt(),
+                            self.scale_dtype, self.name, "spread", x)
         z = centred / spread.float().clamp_min(torch.finfo(torch.float32).tiny).view(rows, 1)
         codes = torch.bucketize(z, self.thresholds).to(torch.uint8).numpy()
         return b"".join([write_header(self, x.shape),

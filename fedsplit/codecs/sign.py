@@ -52,6 +52,16 @@ def kept_per_row(c: int, keep: float) -> int:
     return c - math.floor((1.0 - keep) * c + 0.5)
 
 
+def row_floats(t: torch.Tensor, scale_dtype: str, codec: str, what: str,
+               x: torch.Tensor) -> torch.Tensor:
+    """Per-row values ``t`` in ``scale_dtype`` (fp16/fp32), refusing ones it cannot hold."""
+    t = t.to(torch.float16 if scale_dtype == "fp16" else torch.float32)
+    if not bool(torch.isfinite(t).all()):
+        raise CodecError(f"codec {codec!r}: a row {what} exceeds {scale_dtype} (|x| up to "
+                         f"{x.abs().max().item():.4g}); use scale_dtype: fp32.")
+    return t
+
+
 def seeded_positions(rows: int, cols: int, keep: float, ctx: CodecContext,
                      label: str) -> torch.Tensor | None:
     """``(rows, n_keep)`` sorted column indices of the values sent at fraction ``keep``,
@@ -97,10 +107,7 @@ class Sign(Codec):
         l1 = vals.abs().sum(1, dtype=torch.float64)
         l2 = vals.square().sum(1, dtype=torch.float64)
         scale = torch.where(l1 > 0, l2 / l1.clamp_min(1e-300), torch.zeros(()))
-        scale = scale.to(torch.float16 if self.scale_dtype == "fp16" else torch.float32)
-        if not bool(torch.isfinite(scale).all()):
-            raise CodecError(f"codec 'sign': a row scale exceeds {self.scale_dtype} "
-                             f"(|x| up to {x.abs().max().item():.4g}); use scale_dtype: fp32.")
+        scale = row_floats(scale, self.scale_dtype, "sign", "scale", x)
         bits = (vals >= 0).to(torch.uint8).numpy()
         return b"".join([write_header(self, x.shape),
                          floats_to_bytes(scale, self.scale_dtype),
