@@ -53,6 +53,19 @@ ROWS: dict[str, list[str]] = {
     # the near-Gaussian rotated values); gradients: rotation + unbiased 1-bit signs.
     "dp-rot-lloyd2": ["codec.up=[drop-padding, rotate, {name: lloyd, bits: 2}]",
                       f"codec.down={DP_ROT_SIGN.format(keep=1.0)}"],
+    # Transform coding: activations in a per-round fitted eigenbasis, 1 bit per value on
+    # average (allocated by variance, the weak components get none); gradients as rotated
+    # signs of 70 % of each row, or transform-coded at half a bit per value.
+    "dp-klt1-sign70": ["codec.up=[drop-padding, {name: klt, bits: 1}]",
+                       f"codec.down={DP_ROT_SIGN.format(keep=0.7)}"],
+    "dp-klt1-klt05": ["codec.up=[drop-padding, {name: klt, bits: 1}]",
+                      "codec.down=[drop-padding, {name: klt, bits: 0.5}]"],
+    # 1.5 bits per activation, the basis fitted on the round's first 1024 rows; the
+    # gradients' basis (their energy sits in a few components) on the first batch, 1/8 bit.
+    "dp-klt15-sign": ["codec.up=[drop-padding, {name: klt, bits: 1.5}]",
+                      f"codec.down={DP_ROT_SIGN.format(keep=1.0)}"],
+    "dp-klt15-klt0125": ["codec.up=[drop-padding, {name: klt, bits: 1.5}]",
+                         "codec.down=[drop-padding, {name: klt, bits: 0.125, fit-rows: 1}]"],
     "svd16": ["codec.up=[drop-padding, {name: svd, rank: 16, factor-dtype: fp16}]",
               f"codec.down={DP_Q8}"],
     "bneck16": ["model.bottleneck-rank=16", "codec.up=[drop-padding]",

@@ -42,6 +42,9 @@ DEFAULT_SPECS = [
     "[drop-padding, rotate, {name: lloyd, bits: 2, keep: 0.75}]",
     "[drop-padding, rotate, {name: lloyd, bits: 1}]",
     "pq:4:256", "pq:8:1024", "pq:8:256",
+    "[drop-padding, {name: klt, bits: 1}]",
+    "[drop-padding, {name: klt, bits: 1.5}]",
+    "[drop-padding, {name: klt, bits: 2}]",
 ]
 
 

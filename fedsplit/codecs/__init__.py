@@ -24,6 +24,7 @@ from fedsplit.codecs import (  # noqa: F401  isort: skip
     drop_padding,
     dropout,
     error_feedback,
+    klt,
     lloyd,
     quantize,
     rotate,

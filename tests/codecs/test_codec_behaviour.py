@@ -595,3 +595,114 @@ def test_cuda_tensors_are_encoded_from_the_cpu_copy() -> None:
     c = ctx_(mask=padded_mask([5, 3, 1], 5).cuda())
     y = codec.decode(codec.encode(x, c), c)
     assert y.device.type == "cpu" and y.shape == x.shape
+
+
+# --------------------------------------------------------------------------- klt
+
+
+def anisotropic_rows(n: int, c: int = 64, seed: int = 0) -> torch.Tensor:
+    """Rows with a spread-out spectrum (std 3 .. 0.03) in a random basis, plus a mean."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(c, c, generator=g))
+    std = torch.logspace(math.log10(3.0), math.log10(0.03), c)
+    return (torch.randn(n, c, generator=g) * std) @ q.T + torch.linspace(-2, 2, c)
+
+
+def test_gaussian_lloyd_max_levels_match_max_1960() -> None:
+    from fedsplit.codecs.klt import gaussian_levels
+
+    levels, mse = gaussian_levels(2)
+    assert levels[2:] == pytest.approx((0.4528, 1.5104), abs=1e-4)
+    assert mse == pytest.approx(0.1175, abs=1e-4)
+    assert gaussian_levels(4)[0][-1] == pytest.approx(2.733, abs=1e-3)
+    assert gaussian_levels(1)[1] == pytest.approx(1 - 2 / math.pi, abs=1e-9)
+    mses = [gaussian_levels(b)[1] for b in range(1, 7)]
+    assert all(a > 3 * b for a, b in zip(mses, mses[1:], strict=False))  # ~6 dB per bit
+
+
+def test_klt_bit_allocation_spends_the_budget_on_the_strong_components() -> None:
+    from fedsplit.codecs.klt import allocate_bits
+
+    var = np.array([16.0, 4.0, 1.0, 0.25, 0.0, 0.0])
+    bits = allocate_bits(var, 6)
+    assert bits.sum() == 6 and list(bits) == sorted(bits, reverse=True)
+    assert bits[4] == bits[5] == 0 and bits[0] >= 2
+    assert allocate_bits(var, 100).tolist() == [6, 6, 6, 6, 0, 0]  # capped, nulls skipped
+    # The greedy choice is optimal for this convex cost: no single move of one bit helps.
+    from fedsplit.codecs.klt import gaussian_levels
+    d = [1.0] + [gaussian_levels(b)[1] for b in range(1, 7)]
+
+    def cost(b):
+        return sum(v * d[k] for v, k in zip(var, b, strict=True))
+    best = cost(bits)
+    for i in range(4):
+        for j in range(4):
+            if i != j and bits[i] > 0 and bits[j] < 6:
+                moved = bits.copy()
+                moved[i] -= 1
+                moved[j] += 1
+                assert cost(moved) >= best - 1e-12
+
+
+def test_klt_round_protocol_warmup_basis_codes_and_reset() -> None:
+    spec = {"name": "klt", "bits": 1, "fit_rows": 300}
+    tx, rx = build_codec(spec), build_codec(spec)
+    x = anisotropic_rows(1200)
+    modes, sizes = [], []
+    for step in range(6):
+        batch = x[step * 200:(step + 1) * 200]
+        data = tx.encode(batch, ctx_(step))
+        modes.append(data[H(2)])
+        sizes.append(len(data))
+        assert rx.decode(data, ctx_(step)).shape == batch.shape
+    # 200 rows < 300: warm-up; 400 >= 300: basis; then codes only
+    assert modes == [0, 1, 2, 2, 2, 2]
+    codes = H(2) + 1 + 200 * 2 + math.ceil(200 * 64 / 8) + 6  # <= 6 bytes of group padding
+    assert sizes[2] <= codes and sizes[2] >= codes - 6
+    assert sizes[1] > sizes[2] + 64 * 4  # the basis travels once, in the counted bytes
+    stale = tx.encode(x[:200], ctx_(6))
+    with pytest.raises(CodecError, match="before any basis"):
+        build_codec(spec).decode(stale, ctx_(6))  # a receiver that missed the basis
+    tx.reset()
+    rx.reset()
+    again = tx.encode(x[:200], ctx_(0))
+    assert again[H(2)] == 0  # a new round warms up again
+    rx.decode(again, ctx_(0))
+    with pytest.raises(CodecError, match="width"):
+        tx2 = build_codec({**spec, "fit_rows": 1})
+        tx2.encode(x[:10], ctx_(0))
+        tx2.encode(torch.randn(10, 32), ctx_(1))
+
+
+def test_klt_beats_rotated_lloyd_at_the_same_bits_on_anisotropic_rows() -> None:
+    """Transform coding spends 1 bit per value where the variance is: its error is the
+    reverse water-filling prediction, a fraction of a rotation's flat 1-bit error."""
+    from fedsplit.codecs.klt import allocate_bits, gaussian_levels
+
+    x = anisotropic_rows(3000)
+    fit, test = x[:1000], x[1000:]
+    tx, rx = (build_codec({"name": "klt", "bits": 1, "fit_rows": 1000}) for _ in range(2))
+    rx.decode(tx.encode(fit, ctx_(0)), ctx_(0))  # the basis message
+    y = rx.decode(tx.encode(test, ctx_(1)), ctx_(1))
+    energy = float((test - test.mean(0)).square().sum())
+    klt = float((y - test).square().sum()) / energy
+    rot = build_codec(["rotate", {"name": "lloyd", "bits": 1}])
+    flat = float((rot.decode(rot.encode(test, ctx_(1)), ctx_(1)) - test).square().sum()) / energy
+    lam = torch.linalg.eigvalsh(torch.cov(fit.T.double())).flip(0).numpy()
+    bits = allocate_bits(lam, 64)
+    d = [1.0] + [gaussian_levels(b)[1] for b in range(1, 7)]
+    predicted = sum(v * d[b] for v, b in zip(lam, bits, strict=True)) / lam.sum()
+    assert klt < flat / 3  # ~0.06 against ~0.4 here
+    assert klt == pytest.approx(predicted, rel=0.35)
+
+
+def test_klt_is_scale_free_for_tiny_gradients() -> None:
+    """Cut gradients can be ~1e-7: the fp32 basis statistics keep them exact in scale."""
+    x = anisotropic_rows(600)
+    errs = []
+    for scale in (1.0, 1e-7):
+        tx, rx = (build_codec({"name": "klt", "bits": 2, "fit_rows": 600}) for _ in range(2))
+        y = rx.decode(tx.encode(x * scale, ctx_(0, "down")), ctx_(0, "down"))
+        errs.append(float((y / scale - x).square().mean() / x.var(0).sum() * 64))
+    assert errs[0] < 0.1
+    assert errs[1] == pytest.approx(errs[0], rel=1e-2)

@@ -20,8 +20,9 @@ import torch
 
 from fedsplit.codecs import CODECS, CodecContext, CodecError, build_codec
 from fedsplit.codecs.dropout import Dropout
-from fedsplit.codecs.rotate import Rotate
+from fedsplit.codecs.klt import allocate_bits
 from fedsplit.codecs.lloyd import LEVELS
+from fedsplit.codecs.rotate import Rotate
 from fedsplit.codecs.sign import Sign, kept_per_row, seeded_positions
 
 
@@ -109,6 +110,29 @@ def bytes_lloyd(spec: dict, shape: tuple[int, ...], ctx: CodecContext) -> int:
 
 def bytes_rotate_lloyd(spec: list, shape: tuple[int, ...], ctx: CodecContext) -> int:
     return H(len(shape)) + bytes_lloyd(spec[1], shape, ctx)
+
+
+def klt_warms_up(spec: dict, shape: tuple[int, ...]) -> bool:
+    rows, cols = matrix(shape)
+    return rows * cols == 0 or rows < spec.get("fit_rows", 1024)
+
+
+def bytes_klt(spec: dict, shape: tuple[int, ...], ctx: CodecContext) -> int:
+    """A fresh klt's first message: a rotate -> lloyd warm-up until ``fit_rows`` rows,
+    else the basis (counts, fp32 mean and spreads, int8 or fp16 vectors) and the codes."""
+    rows, cols = matrix(shape)
+    if klt_warms_up(spec, shape):
+        warm = ["rotate", {"name": "lloyd", "bits": spec.get("warmup_bits", 1)}]
+        return H(len(shape)) + 1 + bytes_rotate_lloyd(warm, shape, ctx)
+    x = make_x(shape).reshape(rows, cols).double().numpy()
+    lam = np.linalg.eigvalsh(np.cov(x.T, bias=True).reshape(cols, cols))[::-1].clip(0)
+    lam = np.where(lam > lam[0] * 1e-10, lam, 0.0)
+    bits = allocate_bits(lam, max(1, round(spec.get("bits", 1.0) * cols)))
+    k = int((bits > 0).sum())
+    vectors = k * cols + 2 * k if spec.get("basis_dtype", "int8") == "int8" else 2 * k * cols
+    codes = sum(math.ceil(rows * int((bits == b).sum()) * b / 8) for b in range(1, 7))
+    scale_size = {"fp16": 2, "fp32": 4}[spec.get("scale_dtype", "fp16")]
+    return H(len(shape)) + 1 + 12 + 4 * cols + 4 * k + vectors + rows * scale_size + codes
 
 
 def bytes_delta_first(spec: Any, shape: tuple[int, ...], ctx: CodecContext) -> int:
@@ -288,6 +312,23 @@ def check_rotate_lloyd(spec, x, y, ctx, data):
     check_lloyds(spec[1], z, zhat, ctx, atol=1e-5 * float(z.abs().max()) + 1e-7)
 
 
+def check_klt(spec, x, y, ctx, data):
+    """Warm-up: exactly the rotate -> lloyd decode. Basis fitted on x itself: only the
+    quantization of the kept components and the basis rounding remain."""
+    shape = tuple(x.shape)
+    if klt_warms_up(spec, shape):
+        warm = ["rotate", {"name": "lloyd", "bits": spec.get("warmup_bits", 1)}]
+        check_rotate_lloyd(warm, x, y, ctx, data)
+        return
+    rows, cols = matrix(shape)
+    x2, y2 = x.reshape(rows, cols).double(), y.reshape(rows, cols).double()
+    centred = (x2 - x2.mean(0)).square().sum()
+    # 6 bits on every component: ~0.0006 of the energy (+ basis rounding); 1.5 bits:
+    # most of it kept, not all
+    limit = 0.01 if spec.get("bits", 1.0) >= 6 else 0.6
+    assert float((y2 - x2).square().sum()) <= limit * float(centred) + 1e-9
+
+
 def check_error_feedback(spec, x, y, ctx, data):
     check_quantize(spec["inner"], x, y, ctx, data)  # first send: no residual yet
 
@@ -331,6 +372,11 @@ EXAMPLES: dict[str, list[Example]] = {
               Example(dict(name="lloyd", bits=3), bytes_lloyd, check_lloyd),
               Example(["rotate", dict(name="lloyd", bits=2)], bytes_rotate_lloyd,
                       check_rotate_lloyd)],
+    "klt": [Example(dict(name="klt"), bytes_klt, check_klt),  # warm-up messages
+            Example(dict(name="klt", bits=6, fit_rows=1, basis_dtype="fp16",
+                         scale_dtype="fp32"), bytes_klt, check_klt),
+            Example(dict(name="klt", bits=1.5, fit_rows=1, warmup_bits=2), bytes_klt,
+                    check_klt)],
     "delta": [Example("delta", bytes_delta_first, check_real_tokens_exact),
               Example(dict(name="delta", bits=4, cache_dtype="fp16"), bytes_delta_first,
                       check_real_tokens_exact)],

@@ -1,0 +1,339 @@
+"""klt: transform coding in a fitted Karhunen-Loeve basis, bits allocated by variance.
+
+Cut activations of a transformer are far from isotropic: in MiniLM after layer 2 the
+arithmetic mean of the covariance eigenvalues is ~2.5x their geometric mean and 14 % of
+the energy is a common mean vector. A random rotation (``rotate``) spreads that structure
+evenly, so every coordinate costs the same bits; classic transform coding (Huang &
+Schultheiss 1963) does the opposite: rotate into the covariance's eigenbasis, give the
+high-variance components more bits and the weakest none at all (reverse water-filling,
+here greedy over Gaussian Lloyd-Max quantizers of 1..6 bits, which is optimal because
+their distortion curve is convex). On the dense SST-2 model an average of 1 bit per value
+this way loses 0.6 points where ``rotate -> lloyd`` at 1 bit loses 2.3
+(``experiments/results/cut_probe.md``).
+
+The basis is fitted by the *sender* from the rows it sends and travels once per round,
+counted in the bytes:
+
+1. Until ``fit_rows`` rows have been seen in the round, messages go out as a
+   ``rotate -> lloyd(warmup_bits)`` chain (mode 0) while the sender accumulates the mean
+   and covariance of the rows.
+2. The next message fits the basis (mean, eigenvectors, per-component spread, bit
+   allocation) and carries it before its codes (mode 1). Eigenvectors that receive no
+   bits are not sent.
+3. Every later message of the round is codes only (mode 2): per row one scale ``s`` (the
+   RMS of the row's whitened components) and per component a ``b``-bit Lloyd-Max index of
+   ``z_j / (sigma_j s)``; it decodes to ``mean + sum_j s sigma_j level_j v_j``.
+
+``reset()`` (between rounds) drops the basis on both sides. The sender projects with the
+basis exactly as the receiver will see it (``basis_dtype`` rounding included), so the
+only errors are the quantization and the directions left out.
+
+Byte format: ``header(ndim)`` + ``mode u8`` + one of
+  * mode 0: the ``[rotate, {name: lloyd, bits: warmup_bits}]`` message of ``x``;
+  * mode 1: ``n_b u16`` for ``b`` = 6..1 (``k = sum n_b`` components, sorted by bits,
+    most first) + ``mean[C]`` fp32 + ``sigma[k]`` fp32 + basis (``int8``: ``scale[k]``
+    fp16 + ``k C`` int8 column-major; ``fp16``: ``k C`` fp16) + the codes below;
+  * mode 2: ``s[rows]`` (``scale_dtype``) + for ``b`` = 6..1 the ``rows n_b`` indices
+    of width ``b``, packed MSB first (``ceil(rows n_b b / 8)`` bytes each).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import struct
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from fedsplit.codecs.base import (
+    Codec,
+    CodecContext,
+    CodecError,
+    check_choice,
+    check_float,
+    check_int,
+    prepare,
+    register_codec,
+    require_finite,
+)
+from fedsplit.codecs.chain import Chain
+from fedsplit.codecs.lloyd import Lloyd
+from fedsplit.codecs.quantize import SCALE_DTYPES, as_matrix_shape
+from fedsplit.codecs.rotate import Rotate
+from fedsplit.codecs.sign import row_floats
+from fedsplit.codecs.wire import (
+    FLOAT_FORMATS,
+    Reader,
+    bytes_to_floats,
+    floats_to_bytes,
+    pack_bits,
+    packed_size,
+    unpack_bits,
+    write_header,
+)
+
+MAX_BITS = 6
+BASIS_DTYPES = ("int8", "fp16")
+WARMUP, BASIS, CODES = 0, 1, 2
+
+
+@lru_cache(maxsize=None)
+def gaussian_levels(bits: int) -> tuple[tuple[float, ...], float]:
+    """Lloyd-Max levels of a unit Gaussian with ``2^bits`` levels (ascending) and their
+    mean squared error, by Lloyd's iteration on the exact Gaussian integrals."""
+    n = 2 ** bits
+
+    def cdf(t: float) -> float:
+        return 0.5 * (1.0 + math.erf(t / math.sqrt(2.0)))
+
+    def pdf(t: float) -> float:
+        return math.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi) if math.isfinite(t) else 0.0
+
+    levels = [3.0 * (2 * i + 1 - n) / n for i in range(n)]
+    for _ in range(2000):
+        mids = ((a + b) / 2 for a, b in zip(levels, levels[1:], strict=False))
+        edges = [-math.inf, *mids, math.inf]
+        cells = zip(edges, edges[1:], strict=False)
+        new = [(pdf(a) - pdf(b)) / (cdf(b) - cdf(a)) for a, b in cells]  # centroids
+        if max(abs(a - b) for a, b in zip(new, levels, strict=True)) < 1e-13:
+            levels = new
+            break
+        levels = new
+    mids = ((a + b) / 2 for a, b in zip(levels, levels[1:], strict=False))
+    edges = [-math.inf, *mids, math.inf]
+    kept = sum((cdf(b) - cdf(a)) * c * c for a, b, c in zip(edges, edges[1:], levels, strict=False))
+    return tuple(levels), 1.0 - kept
+
+
+def allocate_bits(variances: np.ndarray, budget: int) -> np.ndarray:
+    """Bits per component (0..6) spending ``budget`` bits to minimise the summed
+    Lloyd-Max distortion ``sum_j var_j d(b_j)`` (greedy; optimal as ``d`` is convex)."""
+    dist = [1.0] + [gaussian_levels(b)[1] for b in range(1, MAX_BITS + 1)]
+    bits = np.zeros(len(variances), dtype=np.int64)
+    heap = [(-float(v) * (dist[0] - dist[1]), j) for j, v in enumerate(variances) if v > 0]
+    heapq.heapify(heap)
+    for _ in range(budget):
+        if not heap:
+            break
+        _, j = heapq.heappop(heap)
+        bits[j] += 1
+        if bits[j] < MAX_BITS:
+            b = bits[j]
+            heapq.heappush(heap, (-float(variances[j]) * (dist[b] - dist[b + 1]), j))
+    return bits
+
+
+class _Basis:
+    """What both sides hold after a basis message: everything decode needs."""
+
+    def __init__(self, mean: torch.Tensor, sigma: torch.Tensor, vectors: torch.Tensor,
+                 counts: list[int]) -> None:
+        self.mean, self.sigma, self.vectors = mean, sigma, vectors  # (C,), (k,), (C, k)
+        self.counts = counts  # components with 6, 5, ..., 1 bits
+        self.groups = []  # (bits, first component, last component + 1)
+        start = 0
+        for b, n in zip(range(MAX_BITS, 0, -1), counts, strict=True):
+            if n:
+                self.groups.append((b, start, start + n))
+            start += n
+
+    @property
+    def width(self) -> int:
+        return self.vectors.shape[0]
+
+
+@register_codec
+class KLT(Codec):
+    """Transform coding in a per-round fitted eigenbasis.
+
+    Parameters
+    ----------
+    bits
+        Average bits per value (over all ``C`` components, the unsent ones included), in
+        (0, 6]; the basis gives each component 0..6 bits.
+    fit_rows
+        Rows the sender accumulates (sending warm-up messages) before fitting the basis;
+        at least ~2 ``C`` gives a stable basis.
+    warmup_bits
+        Bits per value of the ``rotate -> lloyd`` warm-up messages (1..3).
+    basis_dtype
+        ``int8`` (per-component scale) or ``fp16`` for the sent eigenvectors.
+    scale_dtype
+        ``fp16`` or ``fp32`` for the per-row scales.
+    """
+
+    name = "klt"
+    tag = 14
+    stateful = True
+
+    def __init__(self, *, bits: float = 1.0, fit_rows: int = 1024, warmup_bits: int = 1,
+                 basis_dtype: str = "int8", scale_dtype: str = "fp16") -> None:
+        self.bits = check_float(self.name, "bits", bits, 0.0, float(MAX_BITS), lo_open=True)
+        self.fit_rows = check_int(self.name, "fit_rows", fit_rows, 1, 2 ** 31 - 1)
+        self.warmup_bits = check_int(self.name, "warmup_bits", warmup_bits, 1, 3)
+        self.basis_dtype = check_choice(self.name, "basis_dtype", basis_dtype, BASIS_DTYPES)
+        self.scale_dtype = check_choice(self.name, "scale_dtype", scale_dtype, SCALE_DTYPES)
+        self.warmup = Chain([Rotate(), Lloyd(bits=self.warmup_bits)])
+        super().__init__(bits=self.bits, fit_rows=self.fit_rows, warmup_bits=self.warmup_bits,
+                         basis_dtype=self.basis_dtype, scale_dtype=self.scale_dtype)
+        self.reset()
+
+    def reset(self) -> None:
+        self._basis: _Basis | None = None
+        self._rows = 0
+        self._sum: torch.Tensor | None = None  # sender: sum of rows, sum of outer products
+        self._outer: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ sender
+
+    def _accumulate(self, rows: torch.Tensor) -> None:
+        r = rows.double()
+        if self._sum is None or self._sum.shape[0] != r.shape[1]:
+            self._sum = torch.zeros(r.shape[1], dtype=torch.float64)
+            self._outer = torch.zeros(r.shape[1], r.shape[1], dtype=torch.float64)
+            self._rows = 0
+        self._sum += r.sum(0)
+        self._outer += r.T @ r
+        self._rows += r.shape[0]
+
+    def _fit(self) -> tuple[_Basis, bytes]:
+        """Fit the basis from the accumulated rows; return it (as the receiver will see
+        it) and its bytes."""
+        assert self._sum is not None and self._outer is not None
+        c = self._sum.shape[0]
+        mean = self._sum / self._rows
+        cov = self._outer / self._rows - torch.outer(mean, mean)
+        lam, vec = torch.linalg.eigh((cov + cov.T) / 2)
+        lam, vec = lam.flip(0).clamp_min(0.0), vec.flip(1)
+        lam = torch.where(lam > lam[0] * 1e-10, lam, torch.zeros_like(lam))  # null space
+        bits = allocate_bits(lam.numpy(), max(1, round(self.bits * c)))
+        order = np.argsort(-bits, kind="stable")  # most bits first (already, by variance)
+        order = order[bits[order] > 0]
+        bits = bits[order]
+        vec, sigma = vec[:, torch.from_numpy(order)], lam[torch.from_numpy(order)].sqrt()
+        counts = [int((bits == b).sum()) for b in range(MAX_BITS, 0, -1)]
+        mean32, sigma32 = mean.float(), sigma.float()  # fp32: gradients can be ~1e-6
+        if not (bool(torch.isfinite(mean32).all()) and bool(torch.isfinite(sigma32).all())):
+            raise CodecError(f"codec {self.name!r}: the rows' mean or spread exceeds fp32 (|x| "
+                             f"up to {mean.abs().max().item():.4g}); scale the activations.")
+        parts = [struct.pack(f"<{MAX_BITS}H", *counts), floats_to_bytes(mean32, "fp32"),
+                 floats_to_bytes(sigma32, "fp32")]
+        if self.basis_dtype == "int8":
+            scale = (vec.abs().amax(0) / 127).to(torch.float16).float()
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            q = (vec.float() / scale).round().clamp(-127, 127).to(torch.int8)
+            parts += [floats_to_bytes(scale, "fp16"), q.T.contiguous().numpy().tobytes()]
+            vectors = q.float() * scale
+        else:
+            v16 = vec.to(torch.float16)
+            parts.append(floats_to_bytes(v16.T.contiguous(), "fp16"))
+            vectors = v16.float()
+        basis = _Basis(mean32, sigma32, vectors, counts)
+        return basis, b"".join(parts)
+
+    def encode(self, x: torch.Tensor, ctx: CodecContext) -> bytes:
+        x = prepare(x, self.name)
+        require_finite(x, self.name)
+        rows, c = as_matrix_shape(tuple(x.shape))
+        flat = x.reshape(rows, c)
+        head = write_header(self, x.shape)
+        if self._basis is None:
+            if flat.numel() == 0:  # nothing to learn a basis from
+                return head + bytes([WARMUP]) + self.warmup.encode(x, ctx)
+            self._accumulate(flat)
+            if self._rows < self.fit_rows:
+                return head + bytes([WARMUP]) + self.warmup.encode(x, ctx)
+            self._basis, basis_bytes = self._fit()
+            self._sum = self._outer = None
+            return head + bytes([BASIS]) + basis_bytes + self._codes(flat, x)
+        self._check_width(c)
+        return head + bytes([CODES]) + self._codes(flat, x)
+
+    def _codes(self, flat: torch.Tensor, x: torch.Tensor) -> bytes:
+        basis = self._basis
+        assert basis is not None
+        z = ((flat - basis.mean) @ basis.vectors) / basis.sigma.clamp_min(1e-30)
+        scale = row_floats(z.double().square().mean(1).sqrt() if z.shape[1] else
+                           torch.zeros(z.shape[0], dtype=torch.float64),
+                           self.scale_dtype, self.name, "scale", x)
+        z = z / scale.float().clamp_min(torch.finfo(torch.float32).tiny).view(-1, 1)
+        parts = [floats_to_bytes(scale, self.scale_dtype)]
+        for b, lo, hi in basis.groups:
+            levels = torch.tensor(gaussian_levels(b)[0], dtype=torch.float32)
+            codes = torch.bucketize(z[:, lo:hi].contiguous(), (levels[1:] + levels[:-1]) / 2)
+            parts.append(pack_bits(codes.to(torch.uint8).numpy(), b))
+        return b"".join(parts)
+
+    def _check_width(self, c: int) -> None:
+        assert self._basis is not None
+        if c != self._basis.width:
+            raise CodecError(f"codec {self.name!r}: rows of width {c} after a basis of width "
+                             f"{self._basis.width} in the same round; one klt instance codes "
+                             "one tensor stream (reset() between rounds).")
+
+    # ------------------------------------------------------------------ receiver
+
+    def decode(self, data: bytes, ctx: CodecContext) -> torch.Tensor:
+        reader = Reader(data, self.name)
+        shape = reader.header(self)
+        rows, c = as_matrix_shape(shape)
+        (mode,) = reader.take(1, "mode")
+        if mode == WARMUP:
+            if self._basis is not None:
+                raise CodecError(f"codec {self.name!r}: a warm-up message after the basis; "
+                                 "the sides are out of step (reset() both between rounds).")
+            out = self.warmup.decode(reader.rest(), ctx)
+            if tuple(out.shape) != tuple(shape):
+                raise CodecError(f"codec {self.name!r}: warm-up message of shape "
+                                 f"{tuple(out.shape)} inside a header of shape {shape}.")
+            return out
+        if mode == BASIS:
+            if self._basis is not None:
+                raise CodecError(f"codec {self.name!r}: a second basis in one round; the "
+                                 "sides are out of step (reset() both between rounds).")
+            self._basis = self._read_basis(reader, c)
+        elif mode == CODES:
+            if self._basis is None:
+                raise CodecError(f"codec {self.name!r}: coded message before any basis; the "
+                                 "receiver missed the round's basis message or was reset "
+                                 "mid-round.")
+        else:
+            raise CodecError(f"codec {self.name!r}: unknown message mode {mode}; the message "
+                             "is corrupted or from another version.")
+        self._check_width(c)
+        basis = self._basis
+        size = FLOAT_FORMATS[self.scale_dtype][1]
+        scale = bytes_to_floats(reader.take(rows * size, "row scales"), rows, self.scale_dtype)
+        z = torch.zeros(rows, basis.sigma.shape[0])
+        for b, lo, hi in basis.groups:
+            n = rows * (hi - lo)
+            codes = unpack_bits(reader.take(packed_size(n, b), f"{b}-bit indices"), n, b,
+                                self.name)
+            levels = torch.tensor(gaussian_levels(b)[0], dtype=torch.float32)
+            z[:, lo:hi] = levels[torch.from_numpy(codes.astype(np.int64))].view(rows, hi - lo)
+        reader.done()
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise CodecError(f"codec {self.name!r}: corrupted row scales in the message.")
+        z = z * scale.view(-1, 1) * basis.sigma
+        return (basis.mean + z @ basis.vectors.T).view(shape)
+
+    def _read_basis(self, reader: Reader, c: int) -> _Basis:
+        counts = list(struct.unpack(f"<{MAX_BITS}H", reader.take(2 * MAX_BITS, "bit counts")))
+        k = sum(counts)
+        if k > c:
+            raise CodecError(f"codec {self.name!r}: basis of {k} components for width {c}; "
+                             "the message is corrupted.")
+        mean = bytes_to_floats(reader.take(4 * c, "basis mean"), c, "fp32")
+        sigma = bytes_to_floats(reader.take(4 * k, "component spreads"), k, "fp32")
+        if self.basis_dtype == "int8":
+            scale = bytes_to_floats(reader.take(2 * k, "basis scales"), k, "fp16")
+            q = np.frombuffer(reader.take(k * c, "basis vectors"), dtype=np.int8)
+            vectors = torch.from_numpy(q.astype(np.float32)).view(k, c).T * scale
+        else:
+            vectors = bytes_to_floats(reader.take(2 * k * c, "basis vectors"), k * c,
+                                      "fp16").view(k, c).T
+        if not all(bool(torch.isfinite(t).all()) for t in (mean, sigma, vectors)):
+            raise CodecError(f"codec {self.name!r}: corrupted basis (non-finite values).")
+        return _Basis(mean, sigma, vectors.contiguous(), counts)
