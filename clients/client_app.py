@@ -33,6 +33,7 @@ from fedsplit.config import load_config
 from fedsplit.deploy.data import NODE_DATA_PATH, load_device_partition
 from fedsplit.models import build_model
 from fedsplit.optim import make_optimizer, run_progress, set_lr
+from fedsplit.pruning import token_counts, token_embedding
 from fedsplit.split import full_forward
 from fedsplit.split.layout import AuxHead, ClientPlan, client_layout
 from fedsplit.sync import decode_global
@@ -145,7 +146,11 @@ def train(msg: Message, context: Context) -> Message:
     held = layout.client_module(plan, aux)  # what this client trains under its plan
     held.load_state_dict(reference, strict=True)
     light = SegmentCompression(cfg, server_round, pid, context.node_config)
-    segment = light.prepare(held)  # pruned / smaller / fake-quantized this round
+    counts = None
+    if light.needs_token_counts:  # usage-aware pruning: the whole partition's tokens, locally
+        vocab = token_embedding(held)[1].num_embeddings
+        counts = token_counts(task.loader(task.encode(part), 256, shuffle=False), vocab)
+    segment = light.prepare(held, counts)  # pruned / smaller / fake-quantized this round
 
     # The server tracks how many samples this client consumed (it survives restarts).
     consumed = int(config.get(KEY_CURSOR, 0))

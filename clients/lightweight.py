@@ -25,6 +25,8 @@ from fedsplit.pruning import (
     compute_masks,
     expand_state_dict,
     structured_prune,
+    token_embedding,
+    usage_importance,
 )
 from fedsplit.quantization import prepare_qat, strip_qat_state
 from fedsplit.sync import encode_client
@@ -52,13 +54,32 @@ class SegmentCompression:
         self.plan: Any = None
         self.enforcer: MaskEnforcer | None = None
 
-    def prepare(self, segment: nn.Module) -> nn.Module:
-        """Apply this round's pruning and QAT to the freshly loaded global segment."""
+    @property
+    def needs_token_counts(self) -> bool:
+        """Whether :meth:`prepare` wants this client's token counts this round."""
+        p = self.cfg.prune
+        return p.kind == "unstructured" and self.sparsity > 0 and p.usage_aware
+
+    def prepare(self, segment: nn.Module, token_counts: torch.Tensor | None = None) -> nn.Module:
+        """Apply this round's pruning and QAT to the freshly loaded global segment.
+
+        ``token_counts``: how often each token id occurs in the client's partition
+        (:func:`fedsplit.pruning.token_counts`), needed when :attr:`needs_token_counts`.
+        """
         kind = self.cfg.prune.kind
         if kind == "unstructured" and self.sparsity > 0:
-            include = (*PRUNABLE_TYPES, nn.Embedding) if self.cfg.prune.embeddings else PRUNABLE_TYPES
+            include = ((*PRUNABLE_TYPES, nn.Embedding) if self.cfg.prune.embeddings
+                       else PRUNABLE_TYPES)
+            importance = None
+            if self.needs_token_counts:
+                if token_counts is None:
+                    raise ValueError("prune.usage-aware: prepare() needs the client's token "
+                                     "counts (fedsplit.pruning.token_counts over its data).")
+                key, table = token_embedding(segment)
+                importance = {key: usage_importance(token_counts, table.num_embeddings,
+                                                    self.cfg.prune.usage_prior)}
             self.masks = compute_masks(segment, self.sparsity, scope=self.cfg.prune.scope,
-                                       include=include)
+                                       include=include, importance=importance)
         elif kind == "structured" and self.sparsity > 0:
             s = self.sparsity
             segment, self.plan = structured_prune(segment, heads=s, ffn=s, channels=s)

@@ -43,6 +43,11 @@ ROWS: dict[str, list[str]] = {
     "lamp50-q8": ["prune.kind=unstructured", "prune.target=0.5", "prune.embeddings=true",
                   "prune.scope=lamp", *RAMP, "quant.update-bits=8", "quant.down-int8=true",
                   "quant.compress=true"],
+    # The same with usage-aware scores for the token embedding: |w| * sqrt(count + 1), the
+    # counts from the client's own partition (Wanda for a one-hot input).
+    "lamp50u-q8": ["prune.kind=unstructured", "prune.target=0.5", "prune.embeddings=true",
+                   "prune.scope=lamp", "prune.usage-aware=true", *RAMP,
+                   "quant.update-bits=8", "quant.down-int8=true", "quant.compress=true"],
     # LAMP pruning alone (fp32 updates and downlink): what the pruning costs by itself.
     "lamp50": ["prune.kind=unstructured", "prune.target=0.5", "prune.embeddings=true",
                "prune.scope=lamp", *RAMP],

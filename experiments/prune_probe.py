@@ -12,6 +12,9 @@ setting instead of a full run, and shows where the damage sits:
   scope over the linear layers *and* the embedding tables (``prune.embeddings=true``);
 * ``layer-linear`` / ``lamp-linear``: the linear layers only (the convention of LLM
   pruning papers; the embedding tables stay dense);
+* ``lamp-usage``: ``lamp`` with usage-aware scores for the token embedding
+  (``prune.usage-aware``): ``|w| * sqrt(count + 1)``, counts from one client's share of
+  the training split (a seeded random tenth, as with 10 IID clients);
 * ``unseen-rows``: only the word-embedding rows of tokens that never occur in the training
   split are zeroed (what data-aware scores would remove first; its cost is the test
   tokens the training data never showed).
@@ -37,9 +40,17 @@ from experiments.common import (  # noqa: E402
     write_table,
     zero_fractions,
 )
-from fedsplit.pruning import PRUNABLE_TYPES, apply_masks, compute_masks  # noqa: E402
+from fedsplit.pruning import (  # noqa: E402
+    PRUNABLE_TYPES,
+    apply_masks,
+    compute_masks,
+    token_counts,
+    token_embedding,
+    usage_importance,
+)
 
-SETTINGS = ("layer", "global", "lamp", "layer-linear", "lamp-linear", "unseen-rows")
+SETTINGS = ("layer", "global", "lamp", "layer-linear", "lamp-linear", "lamp-usage",
+            "unseen-rows")
 
 
 def unseen_token_masks(model: FinishedModel) -> dict[str, torch.Tensor]:
@@ -50,6 +61,17 @@ def unseen_token_masks(model: FinishedModel) -> dict[str, torch.Tensor]:
     for batch in model.task.loader(model.task.encode(model.train), 256, shuffle=False):
         seen[batch["input_ids"][batch["attention_mask"].bool()]] = True
     return {f"{key}.weight": seen[:, None].expand_as(table.weight).clone()}
+
+
+def client_usage(model: FinishedModel, share: float = 0.1) -> dict[str, torch.Tensor]:
+    """Usage-aware importance from a seeded random ``share`` of the training split."""
+    key, table = token_embedding(model.split.client)
+    n = len(model.train)
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:round(share * n)]
+    part = model.train.select(pick.tolist())
+    counts = token_counts(model.task.loader(model.task.encode(part), 256, shuffle=False),
+                          table.num_embeddings)
+    return {key: usage_importance(counts, table.num_embeddings, prior=1.0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             segment.load_state_dict(model.client_state)
             if setting == "unseen-rows":
                 masks = unseen_token_masks(model)
+            elif setting == "lamp-usage":
+                masks = compute_masks(segment, sparsity, scope="lamp", include=with_emb,
+                                      importance=client_usage(model))
             else:
                 scope, _, linear = setting.partition("-")
                 masks = compute_masks(segment, sparsity, scope=scope,

@@ -178,6 +178,13 @@ class PruneConfig:
                     "magnitude scores across the segment (`lamp`, Lee et al. 2021).",
                     choices=("global", "layer", "lamp"))
     embeddings: bool = _f(False, "Unstructured: prune embedding matrices too.")
+    usage_aware: bool = _f(False, "Unstructured with embeddings: rank the token embedding's "
+                           "weights by |w| * sqrt(count + usage-prior), count = how often the "
+                           "client's own partition uses the token (Wanda-style; the counts "
+                           "never leave the client). Rows of unused tokens go first.")
+    usage_prior: float = _f(1.0, "Pseudo-count added to every token's count (usage-aware "
+                            "pruning): keeps the magnitude order among unseen and rare tokens.",
+                            lo=0.0)
 
 
 @dataclass
@@ -448,6 +455,10 @@ def _cross_checks(v: Mapping[str, Any]) -> list[str]:
     for t in v["prune.client-targets"]:
         if not isinstance(t, (int, float)) or not 0.0 <= float(t) < 1.0:
             problems.append(f"`prune.client-targets`: {t!r} is not a fraction in [0, 1)")
+    if v["prune.usage-aware"] and not (v["prune.kind"] == "unstructured"
+                                       and v["prune.embeddings"]):
+        problems.append("`prune.usage-aware`: usage scores rank the token embedding, which "
+                        "is pruned only with prune.kind=unstructured and prune.embeddings=true")
     if v["prune.end-round"] and v["prune.end-round"] < v["prune.start-round"]:
         problems.append("`prune.end-round` is before `prune.start-round`")
     if v["quant.compress"] and not (v["quant.update-bits"] != 32 or v["prune.kind"] != "none"

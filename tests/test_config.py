@@ -69,3 +69,13 @@ def test_round_trip_through_yaml_and_flat(tmp_path):
     assert load_config(tmp_path / "c.yaml") == cfg
     assert load_config(None, to_flat(cfg)) == cfg
     assert set(to_flat(cfg)) == set(schema_fields())
+
+
+def test_usage_aware_pruning_needs_pruned_embeddings():
+    with pytest.raises(ConfigError, match="prune.usage-aware"):
+        load_config("configs/default.yaml", ["prune.kind=unstructured", "prune.usage-aware=true"])
+    with pytest.raises(ConfigError, match="prune.usage-prior"):
+        load_config("configs/default.yaml", ["prune.usage-prior=-1"])
+    cfg = load_config("configs/default.yaml", ["prune.kind=unstructured", "prune.embeddings=true",
+                                               "prune.usage-aware=true"])
+    assert cfg.prune.usage_aware and cfg.prune.usage_prior == 1.0

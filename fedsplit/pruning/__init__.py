@@ -54,6 +54,9 @@ from fedsplit.pruning.masks import (
     lamp_scores,
     mask_sparsity,
     prunable_parameters,
+    token_counts,
+    token_embedding,
+    usage_importance,
 )
 from fedsplit.pruning.plan import StructuredGroup, StructuredPlan, TensorCut
 from fedsplit.pruning.schedule import SparsitySchedule
@@ -88,6 +91,9 @@ __all__ = [
     "expand_state_dict",
     "mask_sparsity",
     "masked_average",
+    "token_counts",
+    "token_embedding",
+    "usage_importance",
     "plan_structured",
     "prunable_parameters",
     "shrink_state_dict",

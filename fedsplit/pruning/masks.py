@@ -125,6 +125,57 @@ def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
     return scores.view(weight.shape)
 
 
+def token_embedding(module: nn.Module) -> tuple[str, nn.Embedding]:
+    """``(state-dict key of its weight, module)`` of the embedding that looks up token ids:
+    ``module.get_input_embeddings()`` when the module has it, else the one
+    ``nn.Embedding`` whose name ends in ``word_embeddings`` (Hugging Face naming)."""
+    getter = getattr(module, "get_input_embeddings", None)
+    wanted = getter() if callable(getter) else None
+    found = [(name, mod) for name, mod in module.named_modules() if isinstance(mod, nn.Embedding)
+             and (mod is wanted if wanted is not None else name.endswith("word_embeddings"))]
+    if len(found) != 1:
+        raise PruningError(
+            f"{type(module).__name__}: usage-aware pruning needs exactly one token embedding "
+            f"(get_input_embeddings() or a module named *word_embeddings), found "
+            f"{[n for n, _ in found] or 'none'}; set prune.usage-aware=false for this model.")
+    name, mod = found[0]
+    return (f"{name}.weight" if name else "weight"), mod
+
+
+def usage_importance(counts: torch.Tensor, num_embeddings: int, prior: float) -> torch.Tensor:
+    """Row factors ``sqrt(count + prior)`` (``(num_embeddings, 1)``) for a token table.
+
+    An embedding lookup is a linear layer fed a one-hot token, so Wanda's importance
+    ``|w_ij| * ||x_j||`` (Sun et al., 2024) becomes ``|w_ij| * sqrt(count_i)``: a row the
+    client's data never uses scores 0 however large it is. ``prior`` (pseudo-count) keeps
+    the magnitude order among unseen and rare tokens, which the test data may still hold.
+    """
+    if counts.dim() != 1 or len(counts) > num_embeddings:
+        raise PruningError(f"token counts of shape {tuple(counts.shape)} do not fit a table of "
+                           f"{num_embeddings} rows; count with the model's own tokenizer.")
+    if prior < 0 or not torch.isfinite(torch.tensor(prior)):
+        raise PruningError(f"usage prior must be a finite number >= 0, found {prior!r}.")
+    full = torch.zeros(num_embeddings, dtype=torch.float64)
+    full[:len(counts)] = counts.double()
+    return (full + prior).sqrt()[:, None]
+
+
+def token_counts(batches: Iterable[Mapping[str, torch.Tensor]], vocab_size: int) -> torch.Tensor:
+    """Occurrences of every token id in ``batches`` (``input_ids``; with an
+    ``attention_mask``, real tokens only), as a float64 ``(vocab_size,)`` tensor."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for batch in batches:
+        ids = batch["input_ids"]
+        if "attention_mask" in batch:
+            ids = ids[batch["attention_mask"].bool()]
+        ids = ids.flatten()
+        if len(ids) and int(ids.max()) >= vocab_size:
+            raise PruningError(f"token id {int(ids.max())} is outside the embedding table of "
+                               f"{vocab_size} rows; the data was tokenized for another model.")
+        counts += torch.bincount(ids, minlength=vocab_size).double()
+    return counts
+
+
 def compute_masks(
     module: nn.Module,
     sparsity: float,
@@ -132,6 +183,7 @@ def compute_masks(
     scope: Literal["global", "layer", "lamp"] = "global",
     include: tuple[type[nn.Module], ...] = PRUNABLE_TYPES,
     exclude: Iterable[str] = (),
+    importance: Mapping[str, torch.Tensor] | None = None,
 ) -> Masks:
     """Magnitude masks that prune ``round(sparsity * n)`` of the prunable weights.
 
@@ -149,6 +201,10 @@ def compute_masks(
         each is pruned adapts to its magnitude distribution.
     include, exclude
         Which weights are prunable; see :func:`prunable_parameters`.
+    importance
+        Optional non-negative factors, broadcastable to a weight, by state-dict key: that
+        weight is ranked by ``|w| * factor`` instead of ``|w|`` (in every scope), e.g.
+        :func:`usage_importance` for the token embedding.
 
     Returns
     -------
@@ -165,17 +221,22 @@ def compute_masks(
             f"{type(module).__name__} has no prunable weights (types "
             f"{', '.join(t.__name__ for t in include)}, minus excluded keys); nothing to prune."
         )
+    unknown = sorted(set(importance or {}) - set(params))
+    if unknown:
+        raise PruningError(f"importance given for {unknown}, which are not prunable weights "
+                           f"here (prunable: {sorted(params)[:6]}...).")
     with torch.no_grad():
+        magnitudes = {key: _weighted(p, (importance or {}).get(key)) for key, p in params.items()}
         if scope == "layer":
             return {
-                key: _keep_largest(p.detach().abs().flatten(), round(sparsity * p.numel()))
-                .view(p.shape)
+                key: _keep_largest(magnitudes[key].flatten(), round(sparsity * p.numel()))
+                .view(p.shape).to(p.device)
                 for key, p in params.items()
             }
         if scope == "lamp":
-            scores = torch.cat([lamp_scores(p).flatten() for p in params.values()])
+            scores = torch.cat([lamp_scores(m).flatten() for m in magnitudes.values()])
         else:
-            scores = torch.cat([p.detach().abs().flatten().float().cpu() for p in params.values()])
+            scores = torch.cat([m.flatten() for m in magnitudes.values()])
         keep = _keep_largest(scores, round(sparsity * scores.numel()))
         masks: Masks = {}
         start = 0
@@ -183,6 +244,17 @@ def compute_masks(
             masks[key] = keep[start:start + p.numel()].view(p.shape).to(p.device)
             start += p.numel()
         return masks
+
+
+def _weighted(weight: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """``|weight| * factor`` on the CPU (float32, or float64 with a factor)."""
+    magnitude = weight.detach().abs().cpu()
+    if factor is None:
+        return magnitude.float()
+    factor = torch.as_tensor(factor).cpu()
+    if bool((factor < 0).any()) or not bool(torch.isfinite(factor).all()):
+        raise PruningError("importance factors must be finite and >= 0.")
+    return magnitude.double() * factor.double().expand_as(magnitude)
 
 
 def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:

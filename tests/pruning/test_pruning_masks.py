@@ -190,3 +190,83 @@ def test_manual_after_step_without_optimizer_hook(bert_segment):
     enforcer.remove()
     for key, mask in masks.items():
         assert torch.count_nonzero(bert_segment.state_dict()[key][~mask]) == 0
+
+
+# --------------------------------------------------------------------------- usage-aware
+
+
+def test_token_counts_count_real_tokens_and_reject_foreign_ids():
+    from fedsplit.pruning import token_counts
+
+    batches = [{"input_ids": torch.tensor([[1, 2, 2, 0], [3, 2, 0, 0]]),
+                "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])},
+               {"input_ids": torch.tensor([[4, 4]])}]  # no mask: every position counts
+    counts = token_counts(batches, 6)
+    assert counts.tolist() == [0, 1, 3, 1, 2, 0]
+    with pytest.raises(PruningError, match="outside the embedding table"):
+        token_counts([{"input_ids": torch.tensor([[7]])}], 6)
+
+
+def test_usage_importance_is_sqrt_count_plus_prior():
+    from fedsplit.pruning import usage_importance
+
+    f = usage_importance(torch.tensor([3.0, 0.0]), 4, prior=1.0)
+    assert f.shape == (4, 1) and f.flatten().tolist() == [2.0, 1.0, 1.0, 1.0]
+    with pytest.raises(PruningError, match="do not fit"):
+        usage_importance(torch.zeros(5), 4, prior=1.0)
+    with pytest.raises(PruningError, match="prior"):
+        usage_importance(torch.zeros(4), 4, prior=-1.0)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer", "lamp"])
+def test_usage_importance_prunes_unused_rows_before_smaller_used_ones(scope):
+    """Hand-made table: rows 0-1 are large but unused, rows 2-3 small but used. Plain
+    magnitude pruning at 50 % removes the used rows; usage-aware scores remove the unused."""
+    from fedsplit.pruning import usage_importance
+
+    emb = nn.Embedding(4, 3)
+    with torch.no_grad():
+        emb.weight.copy_(torch.tensor([[5.0, 6, 7], [8, 9, 10], [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]))
+    model = nn.ModuleDict({"word_embeddings": emb})
+    key = "word_embeddings.weight"
+    plain = compute_masks(model, 0.5, scope=scope, include=(nn.Embedding,))[key]
+    assert plain[:2].all() and not plain[2:].any()
+    counts = torch.tensor([0.0, 0.0, 10000.0, 10000.0])  # x100 against x1
+    aware = compute_masks(model, 0.5, scope=scope, include=(nn.Embedding,),
+                          importance={key: usage_importance(counts, 4, prior=1.0)})[key]
+    assert aware[2:].all() and not aware[:2].any()
+    with pytest.raises(PruningError, match="not prunable"):
+        compute_masks(model, 0.5, include=(nn.Embedding,), importance={"other.weight": counts})
+
+
+def test_token_embedding_finds_the_word_table(bert_segment, cnn_segment):
+    from fedsplit.pruning import token_embedding
+
+    key, table = token_embedding(bert_segment)
+    assert key == "embeddings.word_embeddings.weight" and table.num_embeddings > 2
+    with pytest.raises(PruningError, match="usage-aware=false"):
+        token_embedding(cnn_segment)
+
+
+def test_client_usage_aware_masks_follow_its_own_token_counts(bert_segment):
+    from omegaconf import OmegaConf
+
+    from clients.lightweight import SegmentCompression
+
+    cfg = OmegaConf.create({
+        "prune": {"kind": "unstructured", "target": 0.5, "client_targets": [],
+                  "schedule": "constant", "start_round": 1, "end_round": 0, "scope": "lamp",
+                  "embeddings": True, "usage_aware": True, "usage_prior": 1.0},
+        "quant": {"qat": False}, "train": {"rounds": 1}})
+    light = SegmentCompression(cfg, 1, 0, {})
+    assert light.needs_token_counts
+    with pytest.raises(ValueError, match="token counts"):
+        light.prepare(bert_segment)
+    vocab = bert_segment.embeddings.word_embeddings.num_embeddings
+    counts = torch.zeros(vocab)
+    counts[:5] = 100.0  # the client's data uses tokens 0..4 only
+    light.prepare(bert_segment, counts)
+    rows = light.masks["embeddings.word_embeddings.weight"]
+    assert rows[:5].float().mean() > 0.6  # used rows keep most of their weights
+    assert rows[5:].float().mean() < rows[:5].float().mean() - 0.3
+    assert mask_sparsity(light.masks) == pytest.approx(0.5, abs=1e-3)
