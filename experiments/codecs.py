@@ -25,6 +25,8 @@ DP_Q8 = "[drop-padding, {name: quantize, bits: 8, scale: per-token}]"
 DP_Q4 = "[drop-padding, {name: quantize, bits: 4, scale: per-token}]"
 # Random rotation, then 1 bit per value (DRIVE-style scaled signs); keep: sent fraction.
 DP_ROT_SIGN = "[drop-padding, rotate, {{name: sign, keep: {keep}}}]"
+# Rows (tokens) sampled with probability ~ their norm, rescaled, then rotated signs.
+DP_RS_SIGN = "[drop-padding, {{name: row-sampling, fraction: {fraction}}}, rotate, sign]"
 
 # name -> overrides. Up = activations (client -> server), down = gradients.
 ROWS: dict[str, list[str]] = {
@@ -64,6 +66,12 @@ ROWS: dict[str, list[str]] = {
     # gradients' basis (their energy sits in a few components) on the first batch, 1/8 bit.
     "dp-klt15-sign": ["codec.up=[drop-padding, {name: klt, bits: 1.5}]",
                       f"codec.down={DP_ROT_SIGN.format(keep=1.0)}"],
+    # Gradients: rows sampled with probability ~ their norm (unbiased, rescaled), then
+    # rotated signs: ~0.3 bits per value for little more error than signs of every row.
+    "dp-klt125-rs30": ["codec.up=[drop-padding, {name: klt, bits: 1.25}]",
+                       f"codec.down={DP_RS_SIGN.format(fraction=0.3)}"],
+    "dp-klt15-rs20": ["codec.up=[drop-padding, {name: klt, bits: 1.5}]",
+                      f"codec.down={DP_RS_SIGN.format(fraction=0.2)}"],
     "dp-klt15-klt0125": ["codec.up=[drop-padding, {name: klt, bits: 1.5}]",
                          "codec.down=[drop-padding, {name: klt, bits: 0.125, fit-rows: 1}]"],
     "svd16": ["codec.up=[drop-padding, {name: svd, rank: 16, factor-dtype: fp16}]",

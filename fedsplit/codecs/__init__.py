@@ -28,6 +28,7 @@ from fedsplit.codecs import (  # noqa: F401  isort: skip
     lloyd,
     quantize,
     rotate,
+    row_sampling,
     sign,
     svd,
     topk_mask,

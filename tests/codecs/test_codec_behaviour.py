@@ -407,7 +407,7 @@ def test_delta_decode_failure_leaves_cache_untouched() -> None:
 
 def test_error_feedback_recovers_what_topk_drops() -> None:
     """Sending one sample's gradient repeatedly: EF's decodes average to x, plain top-k's not."""
-    x = torch.randn(1, 40)
+    x = torch.randn(1, 40, generator=torch.Generator().manual_seed(0))  # fixed: no flakes
     inner = {"name": "topk-mask", "k": 0.1, "bits": 0}
     ef, plain = build_codec({"name": "error-feedback", "inner": inner}), build_codec(inner)
     receiver = build_codec(inner)
@@ -706,3 +706,54 @@ def test_klt_is_scale_free_for_tiny_gradients() -> None:
         errs.append(float((y / scale - x).square().mean() / x.var(0).sum() * 64))
     assert errs[0] < 0.1
     assert errs[1] == pytest.approx(errs[0], rel=1e-2)
+
+
+# --------------------------------------------------------------------------- row-sampling
+
+
+def test_row_sampling_probabilities_follow_the_norms_and_hit_the_fraction():
+    from fedsplit.codecs.row_sampling import inclusion_probabilities
+
+    norms = torch.tensor([100.0, 1.0, 2.0, 3.0, 0.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    p = inclusion_probabilities(norms, 0.3)
+    assert float(p.sum()) == pytest.approx(3.0, abs=1e-9)
+    assert p[0] == 1.0 and p[4] == 0.0  # the big row always travels, a zero row never
+    ratio = p[1:4] / norms[1:4].double()  # below the cap: proportional to the norm
+    assert torch.allclose(ratio, ratio[0].expand(3))
+    assert inclusion_probabilities(norms, 1.0).tolist() == [1.0] * 4 + [0.0] + [1.0] * 5
+
+
+def test_row_sampling_is_unbiased_and_keeps_the_fraction_on_average():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 16, generator=g) * torch.logspace(-2, 1, 40, dtype=torch.float32)[:, None]
+    codec = build_codec({"name": "row-sampling", "fraction": 0.25})
+    total, kept = torch.zeros_like(x), 0
+    trials = 3000
+    for step in range(trials):
+        y = codec.decode(codec.encode(x, ctx_(step, "down")), ctx_(step, "down"))
+        total += y
+        kept += int((y.abs().sum(1) > 0).sum())
+    assert kept / (trials * 40) == pytest.approx(0.25, abs=0.01)
+    rel = float((total / trials - x).norm() / x.norm())
+    assert rel < 0.05  # ~0.02: the mean of the decodes is x
+
+
+def test_rotated_signs_of_norm_sampled_rows_cost_a_third_of_the_bits():
+    """On rows with spread-out norms (like cut gradients), signs of 30 % of the rows
+    sampled by norm add little error to signs of every row, at under a third of the
+    bytes; uniform row dropping at that rate would multiply the error."""
+    g = torch.Generator().manual_seed(5)
+    scale = torch.exp(torch.randn(600, 1, generator=g) * 1.5)  # log-normal row norms
+    x = torch.randn(600, 384, generator=g) * scale
+    ctx = ctx_(2, "down")
+
+    def run(spec):
+        c = build_codec(spec)
+        data = c.encode(x, ctx)
+        return len(data), float((c.decode(data, ctx) - x).square().sum() / x.square().sum())
+
+    full_bytes, full_err = run(["rotate", {"name": "sign"}])
+    part_bytes, part_err = run([{"name": "row-sampling", "fraction": 0.3}, "rotate",
+                                {"name": "sign"}])
+    assert part_bytes < 0.34 * full_bytes
+    assert part_err < 1.5 * full_err

@@ -23,6 +23,7 @@ from fedsplit.codecs.dropout import Dropout
 from fedsplit.codecs.klt import allocate_bits
 from fedsplit.codecs.lloyd import LEVELS
 from fedsplit.codecs.rotate import Rotate
+from fedsplit.codecs.row_sampling import RowSampling
 from fedsplit.codecs.sign import Sign, kept_per_row, seeded_positions
 
 
@@ -133,6 +134,19 @@ def bytes_klt(spec: dict, shape: tuple[int, ...], ctx: CodecContext) -> int:
     codes = sum(math.ceil(rows * int((bits == b).sum()) * b / 8) for b in range(1, 7))
     scale_size = {"fp16": 2, "fp32": 4}[spec.get("scale_dtype", "fp16")]
     return H(len(shape)) + 1 + 12 + 4 * cols + 4 * k + vectors + rows * scale_size + codes
+
+
+def row_sample(spec: dict, shape: tuple[int, ...], ctx: CodecContext):
+    """The rows row-sampling keeps for ``make_x(shape)`` and their probabilities."""
+    rows, cols = matrix(shape)
+    return RowSampling(fraction=spec["fraction"]).sample(make_x(shape).reshape(rows, cols), ctx)
+
+
+def bytes_row_sampling(spec: dict, shape: tuple[int, ...], ctx: CodecContext) -> int:
+    rows, cols = matrix(shape)
+    kept, _ = row_sample(spec, shape, ctx)
+    # header + row bitmask + identity tail for the (n_kept, C) kept rows
+    return H(len(shape)) + math.ceil(rows / 8) + H(2) + 4 * int(kept.sum()) * cols
 
 
 def bytes_delta_first(spec: Any, shape: tuple[int, ...], ctx: CodecContext) -> int:
@@ -329,6 +343,15 @@ def check_klt(spec, x, y, ctx, data):
     assert float((y2 - x2).square().sum()) <= limit * float(centred) + 1e-9
 
 
+def check_row_sampling(spec, x, y, ctx, data):
+    """Kept rows arrive exactly as ``x_r / p_r``, the others as 0."""
+    rows, cols = matrix(tuple(x.shape))
+    kept, p = row_sample(spec, tuple(x.shape), ctx)
+    x2, y2 = x.reshape(rows, cols).double(), y.reshape(rows, cols).double()
+    want = torch.where(kept[:, None], x2 / p.clamp_min(1e-300)[:, None], torch.zeros(()))
+    assert torch.allclose(y2, want, rtol=1e-6, atol=1e-6)
+
+
 def check_error_feedback(spec, x, y, ctx, data):
     check_quantize(spec["inner"], x, y, ctx, data)  # first send: no residual yet
 
@@ -377,6 +400,10 @@ EXAMPLES: dict[str, list[Example]] = {
                          scale_dtype="fp32"), bytes_klt, check_klt),
             Example(dict(name="klt", bits=1.5, fit_rows=1, warmup_bits=2), bytes_klt,
                     check_klt)],
+    "row-sampling": [Example(dict(name="row-sampling", fraction=0.3), bytes_row_sampling,
+                             check_row_sampling),
+                     Example(dict(name="row-sampling", fraction=1.0), bytes_row_sampling,
+                             check_row_sampling)],
     "delta": [Example("delta", bytes_delta_first, check_real_tokens_exact),
               Example(dict(name="delta", bits=4, cache_dtype="fp16"), bytes_delta_first,
                       check_real_tokens_exact)],
