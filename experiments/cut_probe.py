@@ -120,12 +120,15 @@ def main(argv: list[str] | None = None) -> int:
             pq = ProductQuantizer(calibration, m, k)
             acc, ratio = probe(lambda step, h, mask, pq=pq: pq.round_trip(h, mask))
         else:
-            codec = build_codec(OmegaConf.to_container(OmegaConf.create(spec)))
+            plain = OmegaConf.to_container(OmegaConf.create(spec))
+            # A sender and a receiver, as in the channel (stateful codecs keep per-side state);
+            # the test split is one round.
+            tx, rx = build_codec(plain), build_codec(plain)
 
-            def round_trip(step, h, mask, codec=codec):
+            def round_trip(step, h, mask, tx=tx, rx=rx):
                 ctx = CodecContext(direction="up", step=step, seed=1, attention_mask=mask)
-                data = codec.encode(h, ctx)
-                return codec.decode(data, ctx), len(data)
+                data = tx.encode(h, ctx)
+                return rx.decode(data, ctx), len(data)
             acc, ratio = probe(round_trip)
         line = f"| `{spec}` | {ratio:.1f}x | {acc:.2f} % | {acc - base:+.2f} |"
         add_row(lines, line)

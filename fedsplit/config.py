@@ -179,7 +179,7 @@ class PruneConfig:
                     choices=("global", "layer", "lamp"))
     embeddings: bool = _f(False, "Unstructured: prune embedding matrices too.")
     usage_aware: bool = _f(False, "Unstructured with embeddings: rank the token embedding's "
-                           "weights by |w| * sqrt(count + usage-prior), count = how often the "
+                           "weights by abs(w) * sqrt(count + usage-prior), count = how often the "
                            "client's own partition uses the token (Wanda-style; the counts "
                            "never leave the client). Rows of unused tokens go first.")
     usage_prior: float = _f(1.0, "Pseudo-count added to every token's count (usage-aware "

@@ -69,7 +69,11 @@ def plot_accuracy(curves: list[tuple[str, list[dict[str, Any]]]], path: Path,
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for label, rows in curves:
+    # Beyond ten curves the default colours repeat: pair each colour with its own marker.
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xhp"
+    for i, (label, rows) in enumerate(curves):
+        style = {"color": colors[i % len(colors)], "marker": markers[(i // len(colors)) % 10]}
         total, cum, rounds, acc = 0, [], [], []
         for r in rows:  # bytes of rounds without an evaluation still count
             total += r[bytes_keys[0]] + r[bytes_keys[1]]
@@ -77,14 +81,14 @@ def plot_accuracy(curves: list[tuple[str, list[dict[str, Any]]]], path: Path,
                 cum.append(total / 2**20)
                 rounds.append(r["round"])
                 acc.append(100 * r["accuracy"])
-        ax1.plot(rounds, acc, marker="o", label=label)
-        ax2.plot(cum, acc, marker="o", label=label)
+        ax1.plot(rounds, acc, label=label, **style)
+        ax2.plot(cum, acc, label=label, **style)
     ax1.set(xlabel="round", ylabel="test accuracy (%)")
     ax2.set(xlabel=bytes_label, ylabel="test accuracy (%)")
     ax2.set_xscale("symlog")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-    ax1.legend()
+    ax1.legend(fontsize="small" if len(curves) > 8 else None)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

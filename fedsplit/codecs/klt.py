@@ -7,9 +7,12 @@ evenly, so every coordinate costs the same bits; classic transform coding (Huang
 Schultheiss 1963) does the opposite: rotate into the covariance's eigenbasis, give the
 high-variance components more bits and the weakest none at all (reverse water-filling,
 here greedy over Gaussian Lloyd-Max quantizers of 1..6 bits, which is optimal because
-their distortion curve is convex). On the dense SST-2 model an average of 1 bit per value
-this way loses 0.6 points where ``rotate -> lloyd`` at 1 bit loses 2.3
-(``experiments/results/cut_probe.md``).
+their distortion curve is convex). On the dense SST-2 model (inference only, test split
+sent through the codec, ``experiments/results/cut_probe.md``) an average of 1 bit per value
+costs 0.9 points, the 1-bit warm-up of the first batch included, where ``rotate -> lloyd``
+at 1 bit costs 2.3. Trained with it for 10 rounds the model loses more (1.8 points at 1.5
+bits with 1-bit gradients, ``experiments/results/codecs.md``): a lower error per
+message did not buy accuracy there, so measure before relying on it.
 
 The basis is fitted by the *sender* from the rows it sends and travels once per round,
 counted in the bytes:
