@@ -70,6 +70,8 @@ ROWS: dict[str, list[str]] = {
     # rotated signs: ~0.3 bits per value for little more error than signs of every row.
     "dp-klt125-rs30": ["codec.up=[drop-padding, {name: klt, bits: 1.25}]",
                        f"codec.down={DP_RS_SIGN.format(fraction=0.3)}"],
+    "dp-klt1375w2-rs20": ["codec.up=[drop-padding, {name: klt, bits: 1.375, warmup-bits: 2}]",
+                          f"codec.down={DP_RS_SIGN.format(fraction=0.2)}"],
     "dp-klt15-rs20": ["codec.up=[drop-padding, {name: klt, bits: 1.5}]",
                       f"codec.down={DP_RS_SIGN.format(fraction=0.2)}"],
     "dp-klt15-klt0125": ["codec.up=[drop-padding, {name: klt, bits: 1.5}]",
