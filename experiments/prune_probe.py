@@ -55,12 +55,10 @@ SETTINGS = ("layer", "global", "lamp", "layer-linear", "lamp-linear", "lamp-usag
 
 def unseen_token_masks(model: FinishedModel) -> dict[str, torch.Tensor]:
     """Masks that drop the word-embedding rows of tokens absent from ``train``."""
-    key, table = next((k, m) for k, m in model.split.client.named_modules()
-                      if isinstance(m, nn.Embedding) and "word" in k)
-    seen = torch.zeros(table.num_embeddings, dtype=torch.bool)
-    for batch in model.task.loader(model.task.encode(model.train), 256, shuffle=False):
-        seen[batch["input_ids"][batch["attention_mask"].bool()]] = True
-    return {f"{key}.weight": seen[:, None].expand_as(table.weight).clone()}
+    key, table = token_embedding(model.split.client)
+    seen = token_counts(model.task.loader(model.task.encode(model.train), 256, shuffle=False),
+                        table.num_embeddings) > 0
+    return {key: seen[:, None].expand_as(table.weight).clone()}
 
 
 def client_usage(model: FinishedModel, share: float = 0.1) -> dict[str, torch.Tensor]:

@@ -94,20 +94,27 @@ def gaussian_levels(bits: int) -> tuple[tuple[float, ...], float]:
     def pdf(t: float) -> float:
         return math.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi) if math.isfinite(t) else 0.0
 
+    def cells(levels: list[float]) -> list[tuple[float, float]]:
+        """Each level's decision interval (nearest-level rule)."""
+        mids = [(a + b) / 2 for a, b in zip(levels, levels[1:], strict=False)]
+        return list(zip([-math.inf, *mids], [*mids, math.inf], strict=True))
+
     levels = [3.0 * (2 * i + 1 - n) / n for i in range(n)]
     for _ in range(2000):
-        mids = ((a + b) / 2 for a, b in zip(levels, levels[1:], strict=False))
-        edges = [-math.inf, *mids, math.inf]
-        cells = zip(edges, edges[1:], strict=False)
-        new = [(pdf(a) - pdf(b)) / (cdf(b) - cdf(a)) for a, b in cells]  # centroids
-        if max(abs(a - b) for a, b in zip(new, levels, strict=True)) < 1e-13:
-            levels = new
-            break
+        new = [(pdf(a) - pdf(b)) / (cdf(b) - cdf(a)) for a, b in cells(levels)]  # centroids
+        done = max(abs(a - b) for a, b in zip(new, levels, strict=True)) < 1e-13
         levels = new
-    mids = ((a + b) / 2 for a, b in zip(levels, levels[1:], strict=False))
-    edges = [-math.inf, *mids, math.inf]
-    kept = sum((cdf(b) - cdf(a)) * c * c for a, b, c in zip(edges, edges[1:], levels, strict=False))
+        if done:
+            break
+    kept = sum((cdf(b) - cdf(a)) * c * c for (a, b), c in zip(cells(levels), levels, strict=True))
     return tuple(levels), 1.0 - kept
+
+
+@lru_cache(maxsize=None)
+def _level_tensors(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(levels, decision thresholds)`` of :func:`gaussian_levels` as float32 tensors."""
+    levels = torch.tensor(gaussian_levels(bits)[0], dtype=torch.float32)
+    return levels, (levels[1:] + levels[:-1]) / 2
 
 
 def allocate_bits(variances: np.ndarray, budget: int) -> np.ndarray:
@@ -133,8 +140,8 @@ class _Basis:
 
     def __init__(self, mean: torch.Tensor, sigma: torch.Tensor, vectors: torch.Tensor,
                  counts: list[int]) -> None:
+        """``counts``: how many components have 6, 5, ..., 1 bits (in that order)."""
         self.mean, self.sigma, self.vectors = mean, sigma, vectors  # (C,), (k,), (C, k)
-        self.counts = counts  # components with 6, 5, ..., 1 bits
         self.groups = []  # (bits, first component, last component + 1)
         start = 0
         for b, n in zip(range(MAX_BITS, 0, -1), counts, strict=True):
@@ -243,10 +250,9 @@ class KLT(Codec):
         flat = x.reshape(rows, c)
         head = write_header(self, x.shape)
         if self._basis is None:
-            if flat.numel() == 0:  # nothing to learn a basis from
-                return head + bytes([WARMUP]) + self.warmup.encode(x, ctx)
-            self._accumulate(flat)
-            if self._rows < self.fit_rows:
+            if flat.numel():  # (an empty tensor has nothing to learn a basis from)
+                self._accumulate(flat)
+            if self._rows < self.fit_rows or not flat.numel():
                 return head + bytes([WARMUP]) + self.warmup.encode(x, ctx)
             self._basis, basis_bytes = self._fit()
             self._sum = self._outer = None
@@ -264,8 +270,7 @@ class KLT(Codec):
         z = z / scale.float().clamp_min(torch.finfo(torch.float32).tiny).view(-1, 1)
         parts = [floats_to_bytes(scale, self.scale_dtype)]
         for b, lo, hi in basis.groups:
-            levels = torch.tensor(gaussian_levels(b)[0], dtype=torch.float32)
-            codes = torch.bucketize(z[:, lo:hi].contiguous(), (levels[1:] + levels[:-1]) / 2)
+            codes = torch.bucketize(z[:, lo:hi].contiguous(), _level_tensors(b)[1])
             parts.append(pack_bits(codes.to(torch.uint8).numpy(), b))
         return b"".join(parts)
 
@@ -314,7 +319,7 @@ class KLT(Codec):
             n = rows * (hi - lo)
             codes = unpack_bits(reader.take(packed_size(n, b), f"{b}-bit indices"), n, b,
                                 self.name)
-            levels = torch.tensor(gaussian_levels(b)[0], dtype=torch.float32)
+            levels = _level_tensors(b)[0]
             z[:, lo:hi] = levels[torch.from_numpy(codes.astype(np.int64))].view(rows, hi - lo)
         reader.done()
         if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):

@@ -34,7 +34,7 @@ from fedsplit.codecs.base import (
     register_codec,
 )
 from fedsplit.codecs.quantize import as_matrix_shape
-from fedsplit.codecs.wire import Reader, packed_size, unpack_bits, write_header
+from fedsplit.codecs.wire import Reader, pack_bits, packed_size, unpack_bits, write_header
 
 
 def inclusion_probabilities(norms: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -85,7 +85,7 @@ class RowSampling(Transform):
         x2 = x.reshape(rows, cols)
         kept, p = self.sample(x2, ctx)
         scaled = (x2[kept].double() / p[kept].view(-1, 1)).float()
-        mask = np.packbits(kept.numpy().astype(np.uint8)).tobytes() if rows else b""
+        mask = pack_bits(kept.numpy().astype(np.uint8), 1)
         return write_header(self, x.shape) + mask, scaled  # (n_kept, C)
 
     def parse(self, reader: Reader, ctx: CodecContext) -> tuple[tuple[int, ...], torch.Tensor]:
