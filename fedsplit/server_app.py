@@ -8,6 +8,7 @@ under ``configs/`` and every ``section.key`` overrides it (``""`` keeps the file
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from flwr.app import Context
@@ -16,11 +17,17 @@ from flwr.serverapp import Grid, ServerApp
 from fedsplit.config import load_config
 from fedsplit.preflight import preflight
 from fedsplit.server.app import serve
+from fedsplit.server.grid import StoppableGrid
 
 
 def make_server_app(overrides: dict[str, Any] | list[str] | None = None,
-                    path: str | None = None) -> ServerApp:
-    """A ServerApp for a given config (``path`` + ``overrides`` win over the run config)."""
+                    path: str | None = None,
+                    stop: threading.Event | None = None) -> ServerApp:
+    """A ServerApp for a given config (``path`` + ``overrides`` win over the run config).
+
+    ``stop``: an event the host sets when the clients' runtime has ended (``simulate``);
+    the ServerApp's waits for clients then end with :class:`SimulationStopped`.
+    """
     server_app = ServerApp()
 
     @server_app.main()
@@ -30,7 +37,7 @@ def make_server_app(overrides: dict[str, Any] | list[str] | None = None,
         else:
             cfg = load_config(path, overrides)
         preflight(cfg)  # bad data paths, model folder, cut: fail before any training
-        serve(grid, cfg)
+        serve(grid if stop is None else StoppableGrid(grid, stop), cfg)
 
     return server_app
 

@@ -3,7 +3,9 @@
     python -m fedsplit.simulate --config configs/sst2_minilm.yaml --clients 10 train.rounds=3
 
 The ServerApp runs in this process and the ClientApps in Ray workers; Ray is shut down
-when the run ends, so nothing is left running. The run directory is printed at the end.
+when the run ends, so nothing is left running, also when Ray fails to start or the
+Simulation Runtime crashes (then the ServerApp stops waiting for clients at once instead of
+for ``train.round-timeout``). The run directory is printed at the end.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 from fedsplit.config import ConfigError, load_config, parse_overrides
 from fedsplit.preflight import preflight
+from fedsplit.ray_runtime import ray_runtime
 
 
 def simulate(config: str | None = None, overrides: list[str] | dict[str, Any] | None = None,
@@ -37,10 +41,15 @@ def simulate(config: str | None = None, overrides: list[str] | dict[str, Any] | 
     preflight(cfg)  # fail before Ray starts
     backend: dict[str, Any] = {"client_resources": {"num_cpus": cpus_per_client,
                                                     "num_gpus": 0.0}}
-    if ray_cpus:
-        backend["init_args"] = {"num_cpus": ray_cpus}
-    run_simulation(server_app=make_server_app(over, config), client_app=client_app,
-                   num_supernodes=clients, backend_config=backend)
+    init_args = {"num_cpus": ray_cpus} if ray_cpus else {}
+    stop = threading.Event()
+    with ray_runtime(init_args):  # Flower uses this Ray; nothing of it outlives the run
+        try:
+            run_simulation(server_app=make_server_app(over, config, stop=stop),
+                           client_app=client_app, num_supernodes=clients,
+                           backend_config=backend)
+        finally:
+            stop.set()  # a ServerApp still waiting for clients (runtime crashed) ends now
     run_dir = Path(cfg.run.output_dir).expanduser()
     run_dir = (run_dir if run_dir.is_absolute() else Path.cwd() / run_dir) / cfg.run.name
     if not (run_dir / "metrics.jsonl").exists():
