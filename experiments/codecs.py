@@ -28,17 +28,23 @@ DP_ROT_SIGN = "[drop-padding, rotate, {{name: sign, keep: {keep}}}]"
 # Rows (tokens) sampled with probability ~ their norm, rescaled, then rotated signs.
 DP_RS_SIGN = "[drop-padding, {{name: row-sampling, fraction: {fraction}}}, rotate, sign]"
 
+# Split inference: the server also evaluates with the test activations sent through
+# codec.up (column "split-inference acc"), as a deployed split model infers.
+SI = "eval.through-codec=true"
+
 # name -> overrides. Up = activations (client -> server), down = gradients.
 ROWS: dict[str, list[str]] = {
     "identity": [],  # the defaults: raw float32 both ways
-    "fp16": ["codec.up=fp16", "codec.down=fp16"],
+    "fp16": ["codec.up=fp16", "codec.down=fp16", SI],
     "drop-padding": ["codec.up=[drop-padding]", "codec.down=[drop-padding]"],
     "dp-q8": [f"codec.up={DP_Q8}", f"codec.down={DP_Q8}"],
     "dp-q4": [f"codec.up={DP_Q4}", f"codec.down={DP_Q4}"],
     "dp-topk10": ["codec.up=[drop-padding, {name: topk-mask, k: 0.1, bits: 2}]",
-                     f"codec.down={DP_Q8}"],
+                  f"codec.down={DP_Q8}", SI],
     "dropout50": ["codec.up=[drop-padding, {name: dropout, p: 0.5}]",
-                  "codec.down=[drop-padding, {name: dropout, p: 0.5}]"],
+                  "codec.down=[drop-padding, {name: dropout, p: 0.5}]", SI],
+    # Activation changes per sample (4-bit), raw on a sample's first send.
+    "delta-q4": ["codec.up=[{name: delta, bits: 4}]", f"codec.down={DP_Q8}", SI],
     "dp-q2": ["codec.up=[drop-padding, {name: quantize, bits: 2, scale: per-token}]",
               "codec.down=[drop-padding, {name: quantize, bits: 2, scale: per-token}]"],
     "dropout60-q2": [
@@ -71,13 +77,13 @@ ROWS: dict[str, list[str]] = {
     "dp-klt125-rs30": ["codec.up=[drop-padding, {name: klt, bits: 1.25}]",
                        f"codec.down={DP_RS_SIGN.format(fraction=0.3)}"],
     "dp-klt1375w2-rs20": ["codec.up=[drop-padding, {name: klt, bits: 1.375, warmup-bits: 2}]",
-                          f"codec.down={DP_RS_SIGN.format(fraction=0.2)}"],
+                          f"codec.down={DP_RS_SIGN.format(fraction=0.2)}", SI],
     "dp-klt15-rs20": ["codec.up=[drop-padding, {name: klt, bits: 1.5}]",
                       f"codec.down={DP_RS_SIGN.format(fraction=0.2)}"],
     "dp-klt15-klt0125": ["codec.up=[drop-padding, {name: klt, bits: 1.5}]",
                          "codec.down=[drop-padding, {name: klt, bits: 0.125, fit-rows: 1}]"],
     "svd16": ["codec.up=[drop-padding, {name: svd, rank: 16, factor-dtype: fp16}]",
-              f"codec.down={DP_Q8}"],
+              f"codec.down={DP_Q8}", SI],
     "bneck16": ["model.bottleneck-rank=16", "codec.up=[drop-padding]",
                 "codec.down=[drop-padding]"],
     "bneck16-q8": ["model.bottleneck-rank=16", f"codec.up={DP_Q8}", f"codec.down={DP_Q8}"],

@@ -133,6 +133,11 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = _f(128, "Batch size of the server's held-out evaluation.", lo=1)
     every: int = _f(1, "Evaluate after every N rounds (the last round always).", lo=1)
+    through_codec: bool = _f(False, "Also evaluate as split inference runs: the cut "
+                             "activations pass through codec.up (a fresh sender and "
+                             "receiver per evaluation). Adds codec_accuracy, codec_loss and "
+                             "eval_bytes_up to the metrics; accuracy stays the "
+                             "uncompressed model's.")
 
 
 @dataclass
@@ -256,7 +261,8 @@ def snake(name: str) -> str:
 
 
 def _sections() -> dict[str, type]:
-    return {f.name: get_type_hints(FedsplitConfig)[f.name] for f in dataclasses.fields(FedsplitConfig)}
+    hints = get_type_hints(FedsplitConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(FedsplitConfig)}
 
 
 def schema_fields() -> dict[str, dataclasses.Field]:

@@ -72,9 +72,7 @@ class Task:
         return split_model(model, self.cfg.model.cut)
 
     def datasets(self) -> tuple[Any, Any]:
-        from fedsplit.data import load_splits
-
-        from fedsplit.data import check_labels
+        from fedsplit.data import check_labels, load_splits
 
         train, test = load_splits(self.cfg.data, seed=self.cfg.run.seed)
         for ds in (train, test):
@@ -106,16 +104,49 @@ class Task:
 
 
 @torch.no_grad()
-def evaluate(split: SplitModel, loader: Any) -> dict[str, float]:
-    """Accuracy and mean loss of the composed split model on ``loader``."""
+def evaluate(split: SplitModel, loader: Any, up_codec: Any = None,
+             seed: int = 0) -> dict[str, float]:
+    """Accuracy and mean loss of the composed split model on ``loader``.
+
+    ``up_codec`` (a codec spec, as ``codec.up``): evaluate as split inference runs, the
+    cut activations encoded by a sender and decoded by a receiver (fresh instances: a new
+    inference session; stateful codecs such as ``klt`` fit their state on what they
+    send). The result then also holds ``bytes_up``, the exact encoded bytes.
+    """
     split.client.eval()
     split.server.eval()
+    transmit = None if up_codec is None else _Transmit(up_codec, seed)
     n, correct, loss_sum = 0, 0, 0.0
-    for batch in loader:
+    for step, batch in enumerate(loader):
         cut = split.client(batch)
-        logits = split.server(cut.hidden, cut.side)  # (B, num_labels)
+        hidden = cut.hidden if transmit is None else transmit(step, cut.hidden, cut.side)
+        logits = split.server(hidden, cut.side)  # (B, num_labels)
         labels = batch["labels"]
         loss_sum += float(loss_fn(logits, labels)) * len(labels)
         correct += int((logits.argmax(-1) == labels).sum())
         n += len(labels)
-    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "examples": float(n)}
+    out = {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "examples": float(n)}
+    if transmit is not None:
+        out["bytes_up"] = float(transmit.nbytes)
+    return out
+
+
+class _Transmit:
+    """The up direction of the split channel in one process: encode, count, decode."""
+
+    def __init__(self, spec: Any, seed: int) -> None:
+        from fedsplit.codecs.base import build_codec
+
+        self.tx, self.rx, self.seed, self.nbytes = build_codec(spec), build_codec(spec), seed, 0
+        self.samples = 0  # test samples sent so far: their ids (delta keys state on them)
+
+    def __call__(self, step: int, hidden: torch.Tensor, side: dict) -> torch.Tensor:
+        from fedsplit.codecs.base import CodecContext
+
+        ids = torch.arange(self.samples, self.samples + len(hidden))
+        self.samples += len(hidden)
+        ctx = CodecContext(direction="up", step=step, seed=self.seed, sample_ids=ids,
+                           attention_mask=side.get("attention_mask"))
+        data = self.tx.encode(hidden, ctx)
+        self.nbytes += len(data)
+        return self.rx.decode(data, ctx)

@@ -22,7 +22,7 @@ from fedsplit.models import build_model
 from fedsplit.server import checkpoint
 from fedsplit.server.trainer import build_trainer
 from fedsplit.split.layout import client_layout
-from fedsplit.task import Task, seed_everything, with_resolved_paths
+from fedsplit.task import Task, evaluate, seed_everything, with_resolved_paths
 from strategies import build_strategy, resolve_strategy
 
 log = logging.getLogger("fedsplit")
@@ -152,6 +152,12 @@ def _serve(grid: Grid, cfg: DictConfig) -> RunWriter:
             if server_round % cfg.eval.every == 0 or last:
                 split.client.load_state_dict(arrays.to_torch_state_dict())
                 row.update(strategy.evaluate_round(server_round, split, test_loader))
+                if cfg.eval.through_codec:  # split inference: activations cross codec.up
+                    inferred = evaluate(split, test_loader, up_codec=codec_up,
+                                        seed=cfg.run.seed)
+                    row.update({"codec_accuracy": inferred["accuracy"],
+                                "codec_loss": inferred["loss"],
+                                "eval_bytes_up": inferred["bytes_up"]})
             seconds = time.monotonic() - stats.started
             row.update({
                 "bytes_up": stats.cut_bytes_up + stats.sync_bytes_up,

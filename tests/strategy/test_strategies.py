@@ -119,3 +119,22 @@ def test_u_shaped_run_sends_no_labels_to_the_server(tmp_path, run,
     writer, grid = run(tmp_path, "u-shaped")
     assert writer.rows[-1]["batches"] == 10 and len(seen) == 2 * 10 + 2  # STEP+BACK, FINISH
     assert all("labels" not in fields for fields in seen)
+
+
+def test_split_inference_evaluation_sends_the_test_activations_through_codec_up(tmp_path,
+                                                                                run):
+    """``eval.through-codec``: identity reproduces the plain evaluation and counts the
+    float32 frames; a 2-bit codec sends ~16x fewer bytes and its accuracy is its own."""
+    exact, _ = run(tmp_path / "a", "sflv1", "eval.through-codec=true")
+    row = exact.rows[-1]
+    assert row["codec_accuracy"] == row["accuracy"] and row["codec_loss"] == row["loss"]
+    # 200 test samples of (32, 4, 4) float32 cut features (digits CNN, cut 2), plus a small
+    # header per batch (two batches of at most 128)
+    assert 200 * 512 * 4 < row["eval_bytes_up"] < 200 * 512 * 4 + 2 * 32
+    lossy, _ = run(tmp_path / "b", "sflv1", "eval.through-codec=true",
+                   "codec.up=[{name: quantize, bits: 2, scale: per-channel}]")
+    row2 = lossy.rows[-1]
+    assert row2["eval_bytes_up"] < row["eval_bytes_up"] / 10
+    assert row2["codec_loss"] != row2["loss"]
+    plain, _ = run(tmp_path / "c", "sflv1")
+    assert "codec_accuracy" not in plain.rows[-1]  # off by default
