@@ -79,8 +79,13 @@ def weighted(rows: list[dict[str, Any]], key: str, weight: str = "batches") -> f
     return sum(r[key] * r[weight] for r in rows) / total if total else float("nan")
 
 
-def final_accuracy(rows: list[dict[str, Any]]) -> float:
-    return [r for r in rows if r.get("accuracy") is not None][-1]["accuracy"]
+def final_accuracy(rows: list[dict[str, Any]], key: str = "accuracy") -> float:
+    """The last evaluated round's ``key`` (``accuracy``, or ``codec_accuracy``: split
+    inference through codec.up); KeyError when no round has it."""
+    evaluated = [r for r in rows if r.get(key) is not None]
+    if not evaluated:
+        raise KeyError(key)
+    return evaluated[-1][key]
 
 
 class _RowParser(argparse.ArgumentParser):

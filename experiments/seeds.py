@@ -9,6 +9,10 @@ Each store is a ``rows.json`` folder written by a comparison benchmark with one
 moves by about a point with the seed alone (sampling, partition, data order), as much as
 the differences the acceptance targets ask about; this table gives each row's accuracy
 per seed, the mean, and the paired difference to the reference run of the same seed.
+
+``--metric codec_accuracy`` compares the rows' split-inference accuracy (test activations
+through codec.up, rows run with ``eval.through-codec=true``) with the reference's plain
+accuracy (an uncompressed reference infers the same either way).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", required=True)
     parser.add_argument("--reference", required=True, help="row to compare with, e.g. dense")
     parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument("--metric", default="accuracy", choices=("accuracy", "codec_accuracy"),
+                        help="the rows' metric (the reference's is always accuracy)")
     args = parser.parse_args(argv)
 
     stores = []
@@ -54,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         seeds.append(seed_of(store[args.reference]))
         references.append(100 * final_accuracy(store[args.reference]["rounds"]))
 
-    lines = [f"Final accuracy (%) per seed; difference = row minus `{args.reference}` of the "
-             "same seed.", "",
+    what = ("split-inference accuracy (test activations through codec.up)"
+            if args.metric == "codec_accuracy" else "accuracy")
+    lines = [f"Final {what} (%) per seed; difference = row minus `{args.reference}`'s "
+             "accuracy of the same seed.", "",
              "| row | " + " | ".join(f"seed {s}" for s in seeds)
              + " | mean | mean difference | differences |",
              "|---|" + "---:|" * (len(seeds) + 3)]
@@ -66,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             if entry is not None and seed_of(entry) != seed:
                 raise SystemExit(f"row {name!r} ran with seed {seed_of(entry)}, its store's "
                                  f"reference with seed {seed}.")
-            accs.append(None if entry is None else 100 * final_accuracy(entry["rounds"]))
+            metric = "accuracy" if name == args.reference else args.metric
+            try:
+                accs.append(None if entry is None
+                            else 100 * final_accuracy(entry["rounds"], metric))
+            except KeyError:
+                raise SystemExit(f"row {name!r} has no {metric}: run it with "
+                                 "eval.through-codec=true") from None
         have = [(a, r) for a, r in zip(accs, references, strict=True) if a is not None]
         diffs = [a - r for a, r in have]
         cells = " | ".join("—" if a is None else f"{a:.2f}" for a in accs)

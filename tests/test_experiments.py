@@ -47,6 +47,23 @@ def test_seed_table_pairs_rows_with_the_reference_of_their_seed(tmp_path, capsys
                     "--reference", "other"])
 
 
+def test_seed_table_of_split_inference_accuracy_against_the_references_accuracy(tmp_path):
+    store(tmp_path / "s0", 0, {"identity": 0.85, "klt": 0.83})
+    entries = json.loads((tmp_path / "s0" / "rows.json").read_text())
+    entries["klt"]["rounds"][-1]["codec_accuracy"] = 0.845  # through the codec
+    (tmp_path / "s0" / "rows.json").write_text(json.dumps(entries))
+    out = tmp_path / "table.md"
+    seeds.main(["--stores", str(tmp_path / "s0"), "--rows", "klt", "--reference", "identity",
+                "--metric", "codec_accuracy", "--out", str(out)])
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| klt"))
+    assert row == "| klt | 84.50 | 84.50 | -0.50 | -0.50 |"
+    del entries["klt"]["rounds"][-1]["codec_accuracy"]
+    (tmp_path / "s0" / "rows.json").write_text(json.dumps(entries))
+    with pytest.raises(SystemExit, match="eval.through-codec=true"):
+        seeds.main(["--stores", str(tmp_path / "s0"), "--rows", "klt", "--reference",
+                    "identity", "--metric", "codec_accuracy"])
+
+
 def test_zero_fractions_split_embeddings_from_the_rest():
     state = {"embeddings.word.weight": torch.tensor([[0.0, 1.0], [0.0, 0.0]]),
              "layers.0.weight": torch.tensor([[1.0, 0.0, 2.0, 3.0]]),
