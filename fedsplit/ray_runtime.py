@@ -67,7 +67,7 @@ def ray_processes(root: int | None = None) -> set[int]:
 
 def reap(pids: set[int], grace: float = 10.0) -> set[int]:
     """Wait up to ``grace`` seconds for ``pids`` to exit, then SIGKILL the Ray processes
-    among them still alive. Returns the pids it killed."""
+    among them still alive and wait for them to go. Returns the pids it killed."""
     deadline = time.monotonic() + grace
     alive = {p for p in pids if _is_ray(p)}
     while alive and time.monotonic() < deadline:
@@ -78,7 +78,28 @@ def reap(pids: set[int], grace: float = 10.0) -> set[int]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
             killed.add(pid)
+    _wait_gone(killed)
     return killed
+
+
+def _kill_new(before: set[int], rounds: int = 5) -> set[int]:
+    """Kill the Ray processes that are descendants of this one and not in ``before``,
+    again until a scan finds none (a daemon may spawn a child while its parent is killed).
+    """
+    killed: set[int] = set()
+    for _ in range(rounds):
+        new = ray_processes() - before - killed
+        if not new:
+            break
+        killed |= reap(new, grace=0.0)
+    return killed
+
+
+def _wait_gone(pids: set[int], timeout: float = 10.0) -> None:
+    """Wait until the killed ``pids`` are gone (SIGKILL is delivered asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while any(_is_ray(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _ray_temp_dir() -> str:
@@ -103,16 +124,16 @@ def start_ray(init_args: dict[str, Any] | None = None, attempts: int = 2) -> boo
     os.environ["PYTHONPATH"] = pythonpath
     args = {"include_dashboard": False, **(init_args or {})}
     error: BaseException | None = None
+    before = ray_processes()
     for attempt in range(1, attempts + 1):
         try:
             ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **args)
             return True
         except Exception as exc:  # noqa: BLE001 - any failure: clean up, retry, report
             error = exc
-            left = ray_processes()
             with contextlib.suppress(Exception):
                 ray.shutdown()
-            killed = reap(left, grace=0.0)
+            killed = _kill_new(before)
             log.warning("Ray failed to start (attempt %d of %d): %s; killed %d of its "
                         "processes", attempt, attempts, exc, len(killed))
     raise RayStartError(

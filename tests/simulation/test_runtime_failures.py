@@ -20,6 +20,17 @@ from fedsplit.server.grid import SimulationStopped, StoppableGrid
 QUICK = ["run.name=t", "train.rounds=2", "run.progress=false"]
 
 
+def described(pids: set[int]) -> dict[int, str]:
+    """pid -> command line, for an assertion message that says what was left running."""
+    out = {}
+    for pid in pids:
+        try:
+            out[pid] = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except OSError:
+            out[pid] = "(exited)"
+    return out
+
+
 class SilentGrid:
     """A grid whose clients never answer; counts what it was asked."""
 
@@ -106,13 +117,15 @@ def test_ray_that_fails_to_start_is_reported_and_cleaned_up(tmp_path, monkeypatc
         raise RuntimeError("injected: raylet did not start")
 
     monkeypatch.setattr(node.Node, "start_ray_processes", fail)
+    before = ray_processes()  # earlier tests' Ray workers may still be exiting
     began = time.monotonic()
     with pytest.raises(RayStartError, match=r"2 attempts.*injected.*RAY_TMPDIR"):
         simulate("configs/default.yaml", [f"run.output-dir={tmp_path}", *QUICK],
                  clients=2, cpus_per_client=1.0)
     assert len(calls) == 2  # retried once
     assert time.monotonic() - began < 120
-    assert not ray_processes()  # the GCS servers of both attempts are gone
+    left = ray_processes() - before
+    assert not left, described(left)  # the GCS servers of both attempts are gone
 
 
 @pytest.mark.slow
@@ -128,6 +141,7 @@ def test_a_crashed_simulation_runtime_ends_the_serverapp_at_once(tmp_path, monke
 
     monkeypatch.setattr(RayBackend, "build", fail)
     before = {t.ident for t in threading.enumerate()}
+    ray_before = ray_processes()  # earlier tests' Ray workers may still be exiting
     began = time.monotonic()
     with pytest.raises(RuntimeError, match="Ending simulation"):
         simulate("configs/default.yaml", [f"run.output-dir={tmp_path}", *QUICK,
@@ -140,4 +154,5 @@ def test_a_crashed_simulation_runtime_ends_the_serverapp_at_once(tmp_path, monke
     assert not [t.name for t in threading.enumerate()
                 if t.ident not in before and not t.daemon]
     assert time.monotonic() - began < 120
-    assert not ray_processes()
+    left = ray_processes() - ray_before
+    assert not left, described(left)
