@@ -27,6 +27,7 @@ from clients.trainer import (
     train_local,
     train_local_loss,
     train_u_shaped,
+    with_sample_ids,
 )
 from fedsplit.channel import SplitChannelClient
 from fedsplit.config import load_config
@@ -159,7 +160,9 @@ def train(msg: Message, context: Context) -> Message:
                                 cfg.train.local_epochs, cursor, seed=cfg.run.seed * 1_000_003 + pid)
     flat = [int(i) for b in index_batches for i in b]
     # Encode only this round's samples (tokenizing the whole partition would be wasted).
-    loader = task.loader(task.encode(part.select(flat)), cfg.train.batch_size, shuffle=False)
+    loader = with_sample_ids(
+        task.loader(task.encode(part.select(flat)), cfg.train.batch_size, shuffle=False),
+        flat)  # ids: indices in the partition, the same every round (for `delta`)
     setup_seconds = time.perf_counter() - start
 
     optimizer = make_optimizer(segment.parameters(), cfg.train)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +99,22 @@ def schedule(n: int, batch_size: int, steps: int, epochs: int, cursor: Cursor,
     return batches, Cursor(epoch, offset)
 
 
+SAMPLE_IDS = "sample_ids"  # batch key: (B,) int64, each sample's index in the partition
+
+
+def with_sample_ids(batches: Iterable[dict[str, torch.Tensor]],
+                    ids: Sequence[int]) -> Iterator[dict[str, torch.Tensor]]:
+    """``batches`` (in order, unshuffled) with ``batch["sample_ids"]``: the next ``B`` of
+    ``ids``. Codecs that key state by sample (``delta``) need them on the split channel."""
+    at = 0
+    for batch in batches:
+        b = int(batch["labels"].shape[0])
+        if at + b > len(ids):
+            raise ValueError(f"the batches hold more samples than the {len(ids)} ids given")
+        yield {**batch, SAMPLE_IDS: torch.as_tensor(ids[at:at + b], dtype=torch.int64)}
+        at += b
+
+
 def train_local(segment: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                 channel: SplitChannelClient, optimizer: torch.optim.Optimizer,
                 progress: Any = None,
@@ -122,7 +138,7 @@ def train_local(segment: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
         with _counted(meter):
             cut = segment(batch)  # cut.hidden: (B, ...) activations at the cut
         t1 = time.perf_counter()
-        reply = channel.step(cut.hidden, cut.side, batch["labels"])
+        reply = channel.step(cut.hidden, cut.side, batch["labels"], batch.get(SAMPLE_IDS))
         t2 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         cut.hidden.backward(reply.grad)  # continue backprop from the server's cut gradient
@@ -171,7 +187,8 @@ def train_local_loss(module: LocalLossClient, batches: Iterable[dict[str, torch.
             after_step()
         result.compute_seconds += time.perf_counter() - t0
         # The activations of this forward (before the step) travel; nothing waits for them.
-        replies.append(channel.submit(cut.hidden.detach(), cut.side, labels, max_in_flight))
+        replies.append(channel.submit(cut.hidden.detach(), cut.side, labels, max_in_flight,
+                                      batch.get(SAMPLE_IDS)))
         b = int(labels.shape[0])
         sizes.append(b)
         result.aux_loss_sum += float(loss.detach()) * b  # type: ignore[operator]
@@ -203,7 +220,8 @@ def train_u_shaped(module: UShapedClient, batches: Iterable[dict[str, torch.Tens
         with _counted(meter):
             cut = module.front(batch)  # cut.hidden: (B, ...) at the front cut
             t1 = time.perf_counter()
-            middle = channel.forward(cut.hidden, cut.side)  # (B, ...) the server's output
+            middle = channel.forward(cut.hidden, cut.side,
+                                     batch.get(SAMPLE_IDS))  # (B, ...) the server's output
             t2 = time.perf_counter()
             middle.requires_grad_(True)
             logits = module.tail(middle, cut.side)  # (B, C)

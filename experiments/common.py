@@ -51,10 +51,16 @@ def run_rows(rows: dict[str, list[str]], names: list[str], config: str, clients:
                 stored = _store(store, name, {**stored[same[0]], "reused": same[0]})
                 continue
             run_dir = simulate(config, overrides, clients=clients)
+        metrics = read_metrics(run_dir)
+        idle = [r.get("round") for r in metrics if not r.get("examples")]
+        if idle:  # every client of a round failed: not a result, and not stored
+            raise SystemExit(f"row {name!r}: round(s) {idle} trained no samples (every "
+                             f"client failed); not stored. The clients' errors are in the "
+                             f"log above; the run is in {run_dir}.")
         clients_file = run_dir / "clients.jsonl"
         stored = _store(store, name, {
             "command_overrides": overrides, "config": config, "clients": clients,
-            "rounds": read_metrics(run_dir),
+            "rounds": metrics,
             "clients_rows": [json.loads(line) for line in clients_file.read_text().splitlines()
                              if line.strip()],
         })

@@ -455,9 +455,16 @@ def _cross_checks(v: Mapping[str, Any]) -> list[str]:
         try:
             from fedsplit.codecs import build_codec
 
-            build_codec(v[key])
+            codec = build_codec(v[key])
         except Exception as exc:  # noqa: BLE001 - any spec error is reported the same way
             problems.append(f"`{key}`: {exc}")
+            continue
+        if any(getattr(c, "keep_across_rounds", False)
+               for c in getattr(codec, "codecs", [codec])):
+            problems.append(f"`{key}`: keep-across-rounds cannot hold on the split channel, "
+                            "which gives every round fresh codecs on both sides (a client "
+                            "may run in a new process each round); drop it (each round's "
+                            "first sight of a sample then travels raw)")
     for t in v["prune.client-targets"]:
         if not isinstance(t, (int, float)) or not 0.0 <= float(t) < 1.0:
             problems.append(f"`prune.client-targets`: {t!r} is not a fraction in [0, 1)")

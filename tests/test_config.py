@@ -79,3 +79,10 @@ def test_usage_aware_pruning_needs_pruned_embeddings():
     cfg = load_config("configs/default.yaml", ["prune.kind=unstructured", "prune.embeddings=true",
                                                "prune.usage-aware=true"])
     assert cfg.prune.usage_aware and cfg.prune.usage_prior == 1.0
+
+
+def test_codec_state_across_rounds_is_refused_on_the_split_channel():
+    load_config("configs/default.yaml", ["codec.up=[{name: delta, bits: 4}]"])  # per round
+    with pytest.raises(ConfigError, match="codec.up.*keep-across-rounds.*fresh codecs"):
+        load_config("configs/default.yaml",
+                    ["codec.up=[{name: delta, bits: 4, keep-across-rounds: true}]"])

@@ -69,3 +69,25 @@ def test_zero_fractions_split_embeddings_from_the_rest():
              "layers.0.weight": torch.tensor([[1.0, 0.0, 2.0, 3.0]]),
              "layers.0.bias": torch.zeros(4)}  # 1-D: not counted
     assert zero_fractions(state) == (0.75, 0.25, 0.5)
+
+
+def test_a_row_whose_clients_all_failed_in_a_round_is_not_stored(tmp_path, monkeypatch):
+    from experiments import common
+
+    rounds = {"ok": [{"round": 1, "examples": 64}, {"round": 2, "examples": 64}],
+              "failed": [{"round": 1, "examples": 64}, {"round": 2, "examples": 0}]}
+
+    def fake_simulate(config, overrides, clients):
+        name = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.name="))
+        run = tmp_path / name
+        run.mkdir()
+        (run / "clients.jsonl").write_text("")
+        return run
+
+    monkeypatch.setattr(common, "simulate", fake_simulate)
+    monkeypatch.setattr(common, "read_metrics", lambda run: rounds[run.name])
+    rows = {"ok": ["x=1"], "failed": ["x=2"]}
+    common.run_rows(rows, ["ok"], "c.yaml", 2, 2, tmp_path, [])
+    with pytest.raises(SystemExit, match=r"'failed'.*\[2\] trained no samples"):
+        common.run_rows(rows, ["failed"], "c.yaml", 2, 2, tmp_path, [])
+    assert list(json.loads((tmp_path / "rows.json").read_text())) == ["ok"]

@@ -21,7 +21,7 @@ import torch
 from fedsplit.channel import wire
 from fedsplit.channel.server import BACK_METHOD, FINISH_METHOD, STEP_METHOD
 from fedsplit.channel.wire import Kind
-from fedsplit.codecs import CodecContext, build_codec
+from fedsplit.codecs import CodecContext, CodecError, build_codec
 
 
 class ChannelError(RuntimeError):
@@ -81,14 +81,18 @@ class SplitChannelClient:
         return response
 
     def _step_frame(self, step: int, hidden: torch.Tensor, side: dict[str, torch.Tensor],
-                    labels: torch.Tensor | None) -> bytes:
+                    labels: torch.Tensor | None, sample_ids: torch.Tensor | None = None,
+                    ) -> bytes:
+        ids = self._ids_for(self.up, sample_ids)
         ctx = CodecContext(direction="up", step=step, seed=self.seed,
-                           attention_mask=side.get("attention_mask"))
+                           attention_mask=side.get("attention_mask"), sample_ids=ids)
         fields = {
             "token": self.token,
             "step": wire.pack_u64(step),
             "act": self.up.encode(hidden.detach(), ctx),  # (B, ...) cut activations
         }
+        if ids is not None:  # the receiver's per-sample state is keyed by them too
+            fields["ids"] = wire.pack_tensor(ids)
         if labels is not None:
             fields["labels"] = wire.pack_tensor(labels)
         else:  # u-shaped: the batch size, so the mask can be read without labels
@@ -97,6 +101,18 @@ class SplitChannelClient:
             fields[f"side.{key}"] = (wire.pack_mask(value) if key == "attention_mask"
                                      else wire.pack_tensor(value))
         return wire.encode_frame(Kind.STEP, fields)
+
+    @staticmethod
+    def _ids_for(codec: Any, sample_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """The batch's sample ids (int64, (B,)) when ``codec`` keys state by them, else None
+        (they then cost no bytes). A codec that needs them and gets none raises."""
+        if not codec.needs_sample_ids:
+            return None
+        if sample_ids is None:
+            raise CodecError(f"codec {codec.spec()!r} keys its state by sample id, but this "
+                             "batch came without ids; the training loop must pass "
+                             "`sample_ids` (each sample's index in the client's partition).")
+        return torch.as_tensor(sample_ids, dtype=torch.int64).reshape(-1)
 
     def _step_reply(self, step: int, response: bytes, mask: torch.Tensor | None) -> StepReply:
         kind, out = wire.decode_frame(response)
@@ -113,16 +129,19 @@ class SplitChannelClient:
         return StepReply(grad=grad, loss=loss, correct=int(correct))
 
     def step(self, hidden: torch.Tensor, side: dict[str, torch.Tensor],
-             labels: torch.Tensor) -> StepReply:
+             labels: torch.Tensor, sample_ids: torch.Tensor | None = None) -> StepReply:
         """Send one batch's cut activations; return the gradient at the cut (``None`` for a
-        local-loss client, whose server answers with the loss only)."""
+        local-loss client, whose server answers with the loss only). ``sample_ids`` (B,):
+        the samples' ids, sent only when the up codec keys state by them (``delta``)."""
         step = self.step_index
-        response = self._call(self._step_rpc, self._step_frame(step, hidden, side, labels))
+        response = self._call(self._step_rpc,
+                              self._step_frame(step, hidden, side, labels, sample_ids))
         self.step_index += 1
         return self._step_reply(step, response, side.get("attention_mask"))
 
     def submit(self, hidden: torch.Tensor, side: dict[str, torch.Tensor],
-               labels: torch.Tensor, max_in_flight: int = 4) -> Future[StepReply]:
+               labels: torch.Tensor, max_in_flight: int = 4,
+               sample_ids: torch.Tensor | None = None) -> Future[StepReply]:
         """Send one batch in the background (local-loss: nothing to wait for).
 
         Requests go out one at a time in submission order (the server admits only the
@@ -139,7 +158,7 @@ class SplitChannelClient:
         mask = side.get("attention_mask")
 
         def send() -> StepReply:
-            frame = self._step_frame(step, hidden, side, labels)
+            frame = self._step_frame(step, hidden, side, labels, sample_ids)
             return self._step_reply(step, self._call(self._step_rpc, frame), mask)
 
         future = self._sender.submit(send)
@@ -158,12 +177,14 @@ class SplitChannelClient:
             self._up_grad = build_codec(self._codec_specs[1])
         return self._down_act, self._up_grad
 
-    def forward(self, hidden: torch.Tensor, side: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, side: dict[str, torch.Tensor],
+                sample_ids: torch.Tensor | None = None) -> torch.Tensor:
         """U-shaped, first half: send the cut activations (no labels); return the middle
         layers' output."""
         down_act, _ = self._u_codecs()
         step = self.step_index
-        response = self._call(self._step_rpc, self._step_frame(step, hidden, side, None))
+        response = self._call(self._step_rpc,
+                              self._step_frame(step, hidden, side, None, sample_ids))
         _, out = wire.decode_frame(response, expect=Kind.MIDDLE)
         wire.require(out, "act")
         self._mask = side.get("attention_mask")

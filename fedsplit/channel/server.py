@@ -274,8 +274,15 @@ class SplitChannelServer:
                     side["attention_mask"] = wire.unpack_mask(value, batch)
                 elif name.startswith("side."):
                     side[name[5:]] = wire.unpack_tensor(value, name)
+            ids = None
+            if sess.up.needs_sample_ids:  # the sender's per-sample state is keyed by them
+                wire.require(fields, "ids")
+                ids = wire.unpack_tensor(fields["ids"], "ids")
+                if ids.dtype != torch.int64 or tuple(ids.shape) != (batch,):
+                    raise WireError(f"`ids`: expected {batch} int64 sample ids, got "
+                                    f"{ids.dtype} {tuple(ids.shape)}")
             ctx = CodecContext(direction="up", step=step, seed=sess.seed,
-                               attention_mask=side.get("attention_mask"))
+                               attention_mask=side.get("attention_mask"), sample_ids=ids)
             hidden = sess.up.decode(fields["act"], ctx)
             ctx_down = CodecContext(direction="down", step=step, seed=sess.seed,
                                     attention_mask=side.get("attention_mask"))

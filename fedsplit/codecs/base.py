@@ -116,6 +116,8 @@ class Codec(ABC):
     name: ClassVar[str]
     tag: ClassVar[int]
     stateful: bool = False  # keeps state across calls (reset() drops it)
+    # keys state by ctx.sample_ids, so the split channel must send each batch's sample ids
+    needs_sample_ids: bool = False
 
     def __init__(self, **config: Any) -> None:
         self.config = config

@@ -43,6 +43,7 @@ class Chain(Codec):
             self.tail = Identity()
         self.codecs = list(codecs)
         self.stateful = any(c.stateful for c in self.codecs)
+        self.needs_sample_ids = self.tail.needs_sample_ids
         super().__init__()
 
     def spec(self) -> list[Any]:

@@ -59,12 +59,14 @@ class Delta(Codec):
         ``fp32``, ``fp16`` or ``bf16`` storage for the cache (both sides round alike).
     keep_across_rounds
         Keep the cache when ``reset()`` is called between rounds (both sides must keep
-        their instances alive); by default each round starts empty.
+        their instances alive; the split channel does not, and its config validation
+        refuses this); by default each round starts empty.
     """
 
     name = "delta"
     tag = 9
     stateful = True
+    needs_sample_ids = True
 
     def __init__(self, *, inner: Any = None, bits: int | None = None, cache_dtype: str = "fp32",
                  keep_across_rounds: bool = False) -> None:

@@ -321,3 +321,74 @@ def test_sflv2_keeps_the_batches_of_a_client_that_drops_out():
         assert not _same(before, _snapshot(trainer.segment))
     finally:
         server.stop()
+
+
+def test_delta_gets_sample_ids_through_the_channel_and_sends_less_for_seen_samples():
+    """`delta` keys both sides' caches by sample id: the training loop passes each batch's
+    ids, the frame carries them, the server decodes with them. First sight of a sample is
+    raw fp32 (the same training as identity, exactly); the second epoch sends changes."""
+    from clients.trainer import SAMPLE_IDS, train_local, with_sample_ids
+
+    epoch = bert_batches(3)
+    ids = list(range(12)) * 2  # two epochs of the same 12 samples, in order
+    tcfg = train_cfg(optimizer="adam", lr=1e-3)
+
+    def run(codec):
+        split = split_model(tiny_bert(), 2)
+        trainer = build_trainer("sflv1", split.server, tcfg, 2)
+        steps = []  # (bytes up, loss) per step
+        with SplitChannelServer(trainer, channel_cfg(), codec, "identity") as server:
+            trainer.begin_round(1)
+            t = server.open_round(1, ["c"], timeout=60)["c"]
+            with SplitChannelClient(server.address, t.token, t.seed, codec, "identity") as c:
+                real_step = c.step
+
+                def counted(*args, **kw):
+                    before = c.bytes_up
+                    reply = real_step(*args, **kw)
+                    steps.append((c.bytes_up - before, reply.loss))
+                    return reply
+
+                c.step = counted
+                batches = list(with_sample_ids(epoch + epoch, ids))
+                assert batches[4][SAMPLE_IDS].tolist() == [4, 5, 6, 7]
+                train_local(split.client, batches, c,
+                            make_optimizer(split.client.parameters(), tcfg))
+            traffic = server.close_round()["c"]
+            trainer.end_round()
+        return steps, traffic
+
+    results, traffic = {}, {}
+    for name, codec in (("identity", "identity"), ("delta", {"name": "delta", "bits": 8})):
+        results[name], traffic[name] = run(codec)
+    plain, delta = results["identity"], results["delta"]
+    assert traffic["delta"].steps == 6 and traffic["delta"].finished
+    # epoch 1: every sample is new and travels raw, so training is bit-identical
+    assert [loss for _, loss in delta[:3]] == [loss for _, loss in plain[:3]]
+    # epoch 2: 8-bit changes (a 16-wide toy: scales, labels and mask weigh in); the
+    # losses barely move
+    assert sum(b for b, _ in delta[3:]) < 0.5 * sum(b for b, _ in delta[:3])
+    for (_, a), (_, b) in zip(delta[3:], plain[3:], strict=True):
+        assert abs(a - b) < 0.05
+
+
+def test_delta_without_sample_ids_is_refused_with_the_fix():
+    from fedsplit.codecs import CodecError
+
+    split = split_model(tiny_bert(), 2)
+    trainer = build_trainer("sflv1", split.server, train_cfg(), 2)
+    delta = {"name": "delta", "bits": 8}
+    batch = bert_batches(1)[0]
+    with SplitChannelServer(trainer, channel_cfg(), delta, "identity") as server:
+        trainer.begin_round(1)
+        t = server.open_round(1, ["c"], timeout=60)["c"]
+        with SplitChannelClient(server.address, t.token, t.seed, delta, "identity") as c:
+            cut = split.client(batch)
+            with pytest.raises(CodecError, match="without ids.*sample_ids"):
+                c.step(cut.hidden, cut.side, batch["labels"])
+        # a sender that does not send ids (here: another codec) is refused by the server
+        t = server.open_round(2, ["c"], timeout=60)["c"]
+        with SplitChannelClient(server.address, t.token, t.seed, "identity", "identity") as c:
+            with pytest.raises(ChannelError, match="ids"):
+                c.step(cut.hidden, cut.side, batch["labels"])
+        server.close_round()
