@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fedsplit.codecs.base import CodecContext, build_codec
 from fedsplit.config import resolve_path
 from fedsplit.models import build_model
 from fedsplit.split import SplitModel, loss_fn, split_model
@@ -135,14 +136,10 @@ class _Transmit:
     """The up direction of the split channel in one process: encode, count, decode."""
 
     def __init__(self, spec: Any, seed: int) -> None:
-        from fedsplit.codecs.base import build_codec
-
         self.tx, self.rx, self.seed, self.nbytes = build_codec(spec), build_codec(spec), seed, 0
         self.samples = 0  # test samples sent so far: their ids (delta keys state on them)
 
     def __call__(self, step: int, hidden: torch.Tensor, side: dict) -> torch.Tensor:
-        from fedsplit.codecs.base import CodecContext
-
         ids = torch.arange(self.samples, self.samples + len(hidden))
         self.samples += len(hidden)
         ctx = CodecContext(direction="up", step=step, seed=self.seed, sample_ids=ids,
