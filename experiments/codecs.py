@@ -82,6 +82,10 @@ ROWS: dict[str, list[str]] = {
                       f"codec.down={DP_RS_SIGN.format(fraction=0.2)}"],
     "dp-klt15-klt0125": ["codec.up=[drop-padding, {name: klt, bits: 1.5}]",
                          "codec.down=[drop-padding, {name: klt, bits: 0.125, fit-rows: 1}]"],
+    # Entropy-coded transform coding (klt-ec): one quantizer step for every component of
+    # the eigenbasis, indices ANS-coded under a per-component Gaussian model.
+    "dp-kltec136-rs20": ["codec.up=[drop-padding, {name: klt-ec, bits: 1.36}]",
+                        f"codec.down={DP_RS_SIGN.format(fraction=0.2)}", SI],
     "svd16": ["codec.up=[drop-padding, {name: svd, rank: 16, factor-dtype: fp16}]",
               f"codec.down={DP_Q8}", SI],
     "bneck16": ["model.bottleneck-rank=16", "codec.up=[drop-padding]",

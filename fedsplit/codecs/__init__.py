@@ -25,6 +25,7 @@ from fedsplit.codecs import (  # noqa: F401  isort: skip
     dropout,
     error_feedback,
     klt,
+    klt_ec,
     lloyd,
     quantize,
     rotate,

@@ -135,6 +135,29 @@ def allocate_bits(variances: np.ndarray, budget: int) -> np.ndarray:
     return bits
 
 
+def vectors_to_bytes(vec: torch.Tensor, dtype: str) -> tuple[torch.Tensor, bytes]:
+    """Basis vectors ``(C, k)`` as they travel (``int8`` with a per-vector fp16 scale, or
+    ``fp16``; column-major) and as the receiver will see them."""
+    if dtype == "int8":
+        scale = (vec.abs().amax(0) / 127).to(torch.float16).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = (vec.float() / scale).round().clamp(-127, 127).to(torch.int8)
+        return q.float() * scale, floats_to_bytes(scale, "fp16") + q.T.contiguous().numpy(
+        ).tobytes()
+    v16 = vec.to(torch.float16)
+    return v16.float(), floats_to_bytes(v16.T.contiguous(), "fp16")
+
+
+def read_vectors(reader: Reader, k: int, c: int, dtype: str) -> torch.Tensor:
+    """The ``(C, k)`` basis vectors written by :func:`vectors_to_bytes`."""
+    if dtype == "int8":
+        scale = bytes_to_floats(reader.take(2 * k, "basis scales"), k, "fp16")
+        q = np.frombuffer(reader.take(k * c, "basis vectors"), dtype=np.int8)
+        return (torch.from_numpy(q.astype(np.float32)).view(k, c).T * scale).contiguous()
+    return bytes_to_floats(reader.take(2 * k * c, "basis vectors"), k * c,
+                           "fp16").view(k, c).T.contiguous()
+
+
 class _Basis:
     """What both sides hold after a basis message: everything decode needs."""
 
@@ -208,40 +231,41 @@ class KLT(Codec):
         self._outer += r.T @ r
         self._rows += r.shape[0]
 
-    def _fit(self) -> tuple[_Basis, bytes]:
-        """Fit the basis from the accumulated rows; return it (as the receiver will see
-        it) and its bytes."""
+    def _eigen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, eigenvalues (descending, >= 0) and eigenvectors of the accumulated rows."""
         assert self._sum is not None and self._outer is not None
-        c = self._sum.shape[0]
         mean = self._sum / self._rows
         cov = self._outer / self._rows - torch.outer(mean, mean)
         lam, vec = torch.linalg.eigh((cov + cov.T) / 2)
         lam, vec = lam.flip(0).clamp_min(0.0), vec.flip(1)
         lam = torch.where(lam > lam[0] * 1e-10, lam, torch.zeros_like(lam))  # null space
+        return mean, lam, vec
+
+    def _fit(self) -> tuple[_Basis, bytes]:
+        """Fit the basis from the accumulated rows; return it (as the receiver will see
+        it) and its bytes."""
+        mean, lam, vec = self._eigen()
+        c = mean.shape[0]
         bits = allocate_bits(lam.numpy(), max(1, round(self.bits * c)))
         order = np.argsort(-bits, kind="stable")  # most bits first (already, by variance)
         order = order[bits[order] > 0]
         bits = bits[order]
         vec, sigma = vec[:, torch.from_numpy(order)], lam[torch.from_numpy(order)].sqrt()
         counts = [int((bits == b).sum()) for b in range(MAX_BITS, 0, -1)]
-        mean32, sigma32 = mean.float(), sigma.float()  # fp32: gradients can be ~1e-6
+        mean32, sigma32, stats = self._stats_bytes(mean, sigma)
+        vectors, vector_bytes = vectors_to_bytes(vec, self.basis_dtype)
+        basis = _Basis(mean32, sigma32, vectors, counts)
+        return basis, struct.pack(f"<{MAX_BITS}H", *counts) + stats + vector_bytes
+
+    def _stats_bytes(self, mean: torch.Tensor,
+                     sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bytes]:
+        """``mean`` and ``sigma`` in fp32 (gradients can be ~1e-6) and their bytes."""
+        mean32, sigma32 = mean.float(), sigma.float()
         if not (bool(torch.isfinite(mean32).all()) and bool(torch.isfinite(sigma32).all())):
             raise CodecError(f"codec {self.name!r}: the rows' mean or spread exceeds fp32 (|x| "
                              f"up to {mean.abs().max().item():.4g}); scale the activations.")
-        parts = [struct.pack(f"<{MAX_BITS}H", *counts), floats_to_bytes(mean32, "fp32"),
-                 floats_to_bytes(sigma32, "fp32")]
-        if self.basis_dtype == "int8":
-            scale = (vec.abs().amax(0) / 127).to(torch.float16).float()
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            q = (vec.float() / scale).round().clamp(-127, 127).to(torch.int8)
-            parts += [floats_to_bytes(scale, "fp16"), q.T.contiguous().numpy().tobytes()]
-            vectors = q.float() * scale
-        else:
-            v16 = vec.to(torch.float16)
-            parts.append(floats_to_bytes(v16.T.contiguous(), "fp16"))
-            vectors = v16.float()
-        basis = _Basis(mean32, sigma32, vectors, counts)
-        return basis, b"".join(parts)
+        return mean32, sigma32, floats_to_bytes(mean32, "fp32") + floats_to_bytes(sigma32,
+                                                                                  "fp32")
 
     def encode(self, x: torch.Tensor, ctx: CodecContext) -> bytes:
         x = prepare(x, self.name)
@@ -256,11 +280,11 @@ class KLT(Codec):
                 return head + bytes([WARMUP]) + self.warmup.encode(x, ctx)
             self._basis, basis_bytes = self._fit()
             self._sum = self._outer = None
-            return head + bytes([BASIS]) + basis_bytes + self._codes(flat, x)
+            return head + bytes([BASIS]) + basis_bytes + self._codes(flat, x, ctx)
         self._check_width(c)
-        return head + bytes([CODES]) + self._codes(flat, x)
+        return head + bytes([CODES]) + self._codes(flat, x, ctx)
 
-    def _codes(self, flat: torch.Tensor, x: torch.Tensor) -> bytes:
+    def _codes(self, flat: torch.Tensor, x: torch.Tensor, ctx: CodecContext) -> bytes:
         basis = self._basis
         assert basis is not None
         z = ((flat - basis.mean) @ basis.vectors) / basis.sigma.clamp_min(1e-30)
@@ -284,9 +308,19 @@ class KLT(Codec):
     # ------------------------------------------------------------------ receiver
 
     def decode(self, data: bytes, ctx: CodecContext) -> torch.Tensor:
+        reader, shape, warm = self._open(data, ctx)
+        if warm is not None:
+            return warm
+        rows, _ = as_matrix_shape(shape)
+        return self._decode_codes(reader, shape, rows)
+
+    def _open(self, data: bytes,
+              ctx: CodecContext) -> tuple[Reader, tuple[int, ...], torch.Tensor | None]:
+        """Read the header and mode; a warm-up message decodes at once (third item), a
+        basis message installs the basis. Out-of-step sides raise CodecError."""
         reader = Reader(data, self.name)
         shape = reader.header(self)
-        rows, c = as_matrix_shape(shape)
+        _, c = as_matrix_shape(shape)
         (mode,) = reader.take(1, "mode")
         if mode == WARMUP:
             if self._basis is not None:
@@ -296,7 +330,7 @@ class KLT(Codec):
             if tuple(out.shape) != tuple(shape):
                 raise CodecError(f"codec {self.name!r}: warm-up message of shape "
                                  f"{tuple(out.shape)} inside a header of shape {shape}.")
-            return out
+            return reader, shape, out
         if mode == BASIS:
             if self._basis is not None:
                 raise CodecError(f"codec {self.name!r}: a second basis in one round; the "
@@ -311,6 +345,9 @@ class KLT(Codec):
             raise CodecError(f"codec {self.name!r}: unknown message mode {mode}; the message "
                              "is corrupted or from another version.")
         self._check_width(c)
+        return reader, shape, None
+
+    def _decode_codes(self, reader: Reader, shape: tuple[int, ...], rows: int) -> torch.Tensor:
         basis = self._basis
         size = FLOAT_FORMATS[self.scale_dtype][1]
         scale = bytes_to_floats(reader.take(rows * size, "row scales"), rows, self.scale_dtype)
@@ -329,19 +366,17 @@ class KLT(Codec):
 
     def _read_basis(self, reader: Reader, c: int) -> _Basis:
         counts = list(struct.unpack(f"<{MAX_BITS}H", reader.take(2 * MAX_BITS, "bit counts")))
-        k = sum(counts)
+        mean, sigma, vectors = self._read_stats_and_vectors(reader, sum(counts), c)
+        return _Basis(mean, sigma, vectors, counts)
+
+    def _read_stats_and_vectors(self, reader: Reader, k: int,
+                                c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if k > c:
             raise CodecError(f"codec {self.name!r}: basis of {k} components for width {c}; "
                              "the message is corrupted.")
         mean = bytes_to_floats(reader.take(4 * c, "basis mean"), c, "fp32")
         sigma = bytes_to_floats(reader.take(4 * k, "component spreads"), k, "fp32")
-        if self.basis_dtype == "int8":
-            scale = bytes_to_floats(reader.take(2 * k, "basis scales"), k, "fp16")
-            q = np.frombuffer(reader.take(k * c, "basis vectors"), dtype=np.int8)
-            vectors = torch.from_numpy(q.astype(np.float32)).view(k, c).T * scale
-        else:
-            vectors = bytes_to_floats(reader.take(2 * k * c, "basis vectors"), k * c,
-                                      "fp16").view(k, c).T
+        vectors = read_vectors(reader, k, c, self.basis_dtype)
         if not all(bool(torch.isfinite(t).all()) for t in (mean, sigma, vectors)):
             raise CodecError(f"codec {self.name!r}: corrupted basis (non-finite values).")
-        return _Basis(mean, sigma, vectors.contiguous(), counts)
+        return mean, sigma, vectors
