@@ -86,6 +86,13 @@ ROWS: dict[str, list[str]] = {
     # the eigenbasis, indices ANS-coded under a per-component Gaussian model.
     "dp-kltec136-rs20": ["codec.up=[drop-padding, {name: klt-ec, bits: 1.36}]",
                         f"codec.down={DP_RS_SIGN.format(fraction=0.2)}", SI],
+    # Both directions entropy-coded, basis vectors only as precise as their components
+    # need; gradients at 0.15 bits with unbiased (stochastic) rounding, basis fitted on the
+    # round's first batch.
+    "dp-kltec145a-kltec015": [
+        "codec.up=[drop-padding, {name: klt-ec, bits: 1.45, basis-dtype: adaptive}]",
+        "codec.down=[drop-padding, {name: klt-ec, bits: 0.15, rounding: stochastic, "
+        "fit-rows: 400, basis-dtype: adaptive}]", SI],
     "svd16": ["codec.up=[drop-padding, {name: svd, rank: 16, factor-dtype: fp16}]",
               f"codec.down={DP_Q8}", SI],
     "bneck16": ["model.bottleneck-rank=16", "codec.up=[drop-padding]",

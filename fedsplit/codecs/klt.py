@@ -78,7 +78,7 @@ from fedsplit.codecs.wire import (
 )
 
 MAX_BITS = 6
-BASIS_DTYPES = ("int8", "fp16")
+BASIS_DTYPES = ("int8", "fp16")  # klt-ec adds "adaptive"
 WARMUP, BASIS, CODES = 0, 1, 2
 
 
@@ -135,27 +135,52 @@ def allocate_bits(variances: np.ndarray, budget: int) -> np.ndarray:
     return bits
 
 
-def vectors_to_bytes(vec: torch.Tensor, dtype: str) -> tuple[torch.Tensor, bytes]:
-    """Basis vectors ``(C, k)`` as they travel (``int8`` with a per-vector fp16 scale, or
-    ``fp16``; column-major) and as the receiver will see them."""
+def vectors_to_bytes(vec: torch.Tensor, dtype: str,
+                     bits: np.ndarray | None = None) -> tuple[torch.Tensor, bytes]:
+    """Basis vectors ``(C, k)`` as they travel (``int8`` with a per-vector fp16 scale,
+    ``fp16``, or ``adaptive``: ``bits[j]`` (2..8) per entry of vector ``j``, sent as a u8
+    each, then the fp16 scales, then each vector's offset ints packed MSB first) and as
+    the receiver will see them. Vectors are column-major."""
+    if dtype == "fp16":
+        v16 = vec.to(torch.float16)
+        return v16.float(), floats_to_bytes(v16.T.contiguous(), "fp16")
+    k = vec.shape[1]
+    widths = np.full(k, 8, dtype=np.int64) if dtype == "int8" else np.asarray(bits)
+    top = torch.from_numpy((2.0 ** (widths - 1) - 1).astype(np.float32))  # 127 for int8
+    scale = (vec.abs().amax(0).float() / top).to(torch.float16).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (vec.float() / scale).round().clamp(-top, top)
+    seen = q * scale
     if dtype == "int8":
-        scale = (vec.abs().amax(0) / 127).to(torch.float16).float()
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = (vec.float() / scale).round().clamp(-127, 127).to(torch.int8)
-        return q.float() * scale, floats_to_bytes(scale, "fp16") + q.T.contiguous().numpy(
+        return seen, floats_to_bytes(scale, "fp16") + q.to(torch.int8).T.contiguous().numpy(
         ).tobytes()
-    v16 = vec.to(torch.float16)
-    return v16.float(), floats_to_bytes(v16.T.contiguous(), "fp16")
+    parts = [widths.astype(np.uint8).tobytes(), floats_to_bytes(scale, "fp16")]
+    for j in range(k):
+        offset = (q[:, j] + top[j]).to(torch.uint8).numpy()
+        parts.append(pack_bits(offset, int(widths[j])))
+    return seen, b"".join(parts)
 
 
-def read_vectors(reader: Reader, k: int, c: int, dtype: str) -> torch.Tensor:
+def read_vectors(reader: Reader, k: int, c: int, dtype: str,
+                 codec: str = "klt") -> torch.Tensor:
     """The ``(C, k)`` basis vectors written by :func:`vectors_to_bytes`."""
+    if dtype == "fp16":
+        return bytes_to_floats(reader.take(2 * k * c, "basis vectors"), k * c,
+                               "fp16").view(k, c).T.contiguous()
     if dtype == "int8":
         scale = bytes_to_floats(reader.take(2 * k, "basis scales"), k, "fp16")
         q = np.frombuffer(reader.take(k * c, "basis vectors"), dtype=np.int8)
         return (torch.from_numpy(q.astype(np.float32)).view(k, c).T * scale).contiguous()
-    return bytes_to_floats(reader.take(2 * k * c, "basis vectors"), k * c,
-                           "fp16").view(k, c).T.contiguous()
+    widths = np.frombuffer(reader.take(k, "basis vector widths"), dtype=np.uint8)
+    if k and (widths.min() < 2 or widths.max() > 8):
+        raise CodecError(f"codec {codec!r}: basis vector widths outside 2..8; the message is "
+                         "corrupted.")
+    scale = bytes_to_floats(reader.take(2 * k, "basis scales"), k, "fp16")
+    out = torch.empty(c, k)
+    for j, w in enumerate(widths.tolist()):
+        offset = unpack_bits(reader.take(packed_size(c, w), "basis vector"), c, w, codec)
+        out[:, j] = (torch.from_numpy(offset.astype(np.float32)) - (2 ** (w - 1) - 1)) * scale[j]
+    return out
 
 
 class _Basis:
@@ -200,13 +225,15 @@ class KLT(Codec):
     name = "klt"
     tag = 14
     stateful = True
+    basis_dtypes: tuple[str, ...] = BASIS_DTYPES
 
     def __init__(self, *, bits: float = 1.0, fit_rows: int = 1024, warmup_bits: int = 1,
                  basis_dtype: str = "int8", scale_dtype: str = "fp16") -> None:
         self.bits = check_float(self.name, "bits", bits, 0.0, float(MAX_BITS), lo_open=True)
         self.fit_rows = check_int(self.name, "fit_rows", fit_rows, 1, 2 ** 31 - 1)
         self.warmup_bits = check_int(self.name, "warmup_bits", warmup_bits, 1, 3)
-        self.basis_dtype = check_choice(self.name, "basis_dtype", basis_dtype, BASIS_DTYPES)
+        self.basis_dtype = check_choice(self.name, "basis_dtype", basis_dtype,
+                                        self.basis_dtypes)
         self.scale_dtype = check_choice(self.name, "scale_dtype", scale_dtype, SCALE_DTYPES)
         self.warmup = Chain([Rotate(), Lloyd(bits=self.warmup_bits)])
         super().__init__(bits=self.bits, fit_rows=self.fit_rows, warmup_bits=self.warmup_bits,
@@ -376,7 +403,7 @@ class KLT(Codec):
                              "the message is corrupted.")
         mean = bytes_to_floats(reader.take(4 * c, "basis mean"), c, "fp32")
         sigma = bytes_to_floats(reader.take(4 * k, "component spreads"), k, "fp32")
-        vectors = read_vectors(reader, k, c, self.basis_dtype)
+        vectors = read_vectors(reader, k, c, self.basis_dtype, self.name)
         if not all(bool(torch.isfinite(t).all()) for t in (mean, sigma, vectors)):
             raise CodecError(f"codec {self.name!r}: corrupted basis (non-finite values).")
         return mean, sigma, vectors

@@ -33,7 +33,8 @@ that would code to all zeros are not sent.
 Byte format: ``header(ndim)`` + ``mode u8`` + one of
   * mode 0 (warm-up): the ``[rotate, {name: lloyd, bits: warmup_bits}]`` message of ``x``;
   * mode 1 (basis): ``k u16`` + ``mean[C]`` fp32 + ``sigma[k]`` fp32 + basis vectors (as in
-    ``klt``) + the codes below;
+    ``klt``; ``adaptive``: ``width[k]`` u8 + ``scale[k]`` fp16 + per vector ``ceil(C
+    width / 8)`` bytes of offset ints) + the codes below;
   * mode 2 (codes): ``s[rows]`` (``scale_dtype``) + ``delta`` fp32 + ``K`` u16 (largest
     ``|q|``) + the ANS words (u32, little-endian) of the ``rows k`` indices in ``[-K, K]``.
 """
@@ -54,7 +55,7 @@ from fedsplit.codecs.base import (
     check_int,
     register_codec,
 )
-from fedsplit.codecs.klt import KLT, vectors_to_bytes
+from fedsplit.codecs.klt import BASIS_DTYPES, KLT, vectors_to_bytes
 from fedsplit.codecs.sign import row_floats
 from fedsplit.codecs.wire import FLOAT_FORMATS, Reader, bytes_to_floats, floats_to_bytes
 
@@ -73,6 +74,19 @@ def _constriction():
         raise CodecError("codec 'klt-ec' needs the `constriction` package (its entropy "
                          "coder): pip install constriction") from err
     return constriction
+
+
+def vector_widths(vec: torch.Tensor, sigma: torch.Tensor, delta: float) -> np.ndarray:
+    """Bits per entry (2..8) of each basis vector for ``basis_dtype: adaptive``: the
+    error a vector's rounding adds to its component (``sigma_j^2 C s_j^2 / 12`` for a
+    rounding step ``s_j = max|v_j| / (2^(b-1) - 1)``) stays under 1/16 of the quantizer's
+    own ``delta^2 / 12``. Strong components keep 8 bits, weak ones (most of a cut's
+    basis) need 3 or 4."""
+    if not vec.shape[1]:
+        return np.zeros(0, dtype=np.int64)
+    c = vec.shape[0]
+    need = vec.abs().amax(0).double() * sigma.double() * math.sqrt(c) / (0.25 * delta)
+    return (1 + torch.ceil(torch.log2(1.0 + need))).clamp(2, 8).long().numpy()
 
 
 def bin_probability(q: torch.Tensor, spread: torch.Tensor, model: str) -> torch.Tensor:
@@ -127,8 +141,11 @@ class EntropyKLT(KLT):
     bits
         Target bits per value for the indices (over all ``C`` components; row scales on
         top), in (0, 8]; each message picks its step to meet it.
-    fit_rows, warmup_bits, basis_dtype, scale_dtype
+    fit_rows, warmup_bits, scale_dtype
         As in ``klt``.
+    basis_dtype
+        As in ``klt``, or ``adaptive``: 2..8 bits per entry, each vector as precise as
+        its component's share of the error needs (:func:`vector_widths`).
     model
         ``gaussian`` or ``laplace``: the shape the coder assumes for each component.
     reconstruct
@@ -145,6 +162,7 @@ class EntropyKLT(KLT):
     name = "klt-ec"
     tag = 16
     stateful = True
+    basis_dtypes = (*BASIS_DTYPES, "adaptive")
 
     def __init__(self, *, bits: float = 1.0, fit_rows: int = 1024, warmup_bits: int = 1,
                  basis_dtype: str = "int8", scale_dtype: str = "fp16",
@@ -182,6 +200,7 @@ class EntropyKLT(KLT):
         # The step that meets the budget if the rows looked like the fit's (unit row
         # scale), then the components worth at least min_bits at that step.
         per = torch.zeros(c, dtype=torch.float64)
+        delta = 1.0
         if bool(live.any()):  # (one fitted row, or constant rows: nothing varies)
             delta = self._solve_delta(lambda d: self._expected_bits(sigma[live], d),
                                       self.bits * c, float(sigma.max()))
@@ -190,8 +209,17 @@ class EntropyKLT(KLT):
         if keep.numel() > MAX_INDEX:  # pragma: no cover - C > 65535
             keep = keep[:MAX_INDEX]
         mean32, sigma32, stats = self._stats_bytes(mean, sigma[keep])
-        vectors, vector_bytes = vectors_to_bytes(vec[:, keep], self.basis_dtype)
+        vec = vec[:, keep]
+        widths = None
+        if self.basis_dtype == "adaptive":
+            widths = vector_widths(vec, sigma[keep], delta)
+        vectors, vector_bytes = vectors_to_bytes(vec, self.basis_dtype, widths)
         basis = _ECBasis(mean32, sigma32, vectors)
+        if widths is not None:
+            # Coarse vectors are not orthogonal: projecting onto them would leak the strong
+            # components into every weak one. Project onto the exact eigenvectors; the
+            # receiver's rounding then only adds |y_j| times vector j's rounding error.
+            basis.project = vec.float()
         return basis, struct.pack("<H", keep.numel()) + stats + vector_bytes
 
     def _component_bits(self, sigma: torch.Tensor, delta: float) -> torch.Tensor:
@@ -232,7 +260,7 @@ class EntropyKLT(KLT):
         basis = self._basis
         assert isinstance(basis, _ECBasis)
         rows, k = flat.shape[0], basis.sigma.shape[0]
-        y = (flat - basis.mean) @ basis.vectors  # (rows, k)
+        y = (flat - basis.mean) @ basis.project  # (rows, k)
         z = y / basis.sigma.clamp_min(_TINY)
         scale = row_floats(z.double().square().mean(1).sqrt() if k else
                            torch.zeros(rows, dtype=torch.float64),
@@ -341,6 +369,7 @@ class _ECBasis:
 
     def __init__(self, mean: torch.Tensor, sigma: torch.Tensor, vectors: torch.Tensor) -> None:
         self.mean, self.sigma, self.vectors = mean, sigma, vectors
+        self.project = vectors  # what the sender projects onto
 
     @property
     def width(self) -> int:

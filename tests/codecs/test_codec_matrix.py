@@ -337,7 +337,8 @@ def bytes_klt_ec(spec: dict, shape: tuple[int, ...],
     if klt_warms_up(spec, shape):
         return bytes_klt({**spec, "name": "klt"}, shape, ctx)
     scale_size = {"fp16": 2, "fp32": 4}[spec.get("scale_dtype", "fp16")]
-    per_vector = cols + 2 if spec.get("basis_dtype", "int8") == "int8" else 2 * cols
+    per_vector = {"int8": cols + 2, "fp16": 2 * cols,  # adaptive: at most 8 bits an entry
+                  "adaptive": cols + 3}[spec.get("basis_dtype", "int8")]
     fixed = H(len(shape)) + 1 + 2 + 4 * cols + rows * scale_size + 6
     budget_words = math.ceil(spec.get("bits", 1.0) * rows * cols / 32) + 2
     return fixed, fixed + cols * (4 + per_vector) + 4 * budget_words
@@ -423,8 +424,8 @@ EXAMPLES: dict[str, list[Example]] = {
                        check_klt),
                Example(dict(name="klt-ec", bits=1.5, fit_rows=1, warmup_bits=2,
                             model="laplace"), bytes_klt_ec, check_klt),
-               Example(dict(name="klt-ec", bits=2, fit_rows=1, rounding="stochastic"),
-                       bytes_klt_ec, check_klt)],
+               Example(dict(name="klt-ec", bits=2, fit_rows=1, rounding="stochastic",
+                            basis_dtype="adaptive"), bytes_klt_ec, check_klt)],
     "row-sampling": [Example(dict(name="row-sampling", fraction=0.3), bytes_row_sampling,
                              check_row_sampling),
                      Example(dict(name="row-sampling", fraction=1.0), bytes_row_sampling,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedsplit.codecs import CodecContext, CodecError, build_codec
-from fedsplit.codecs.klt_ec import bin_probability, centroids, estimated_bits
+from fedsplit.codecs.klt_ec import bin_probability, centroids, estimated_bits, vector_widths
 
 
 def rows_(n: int, c: int = 64, seed: int = 0) -> torch.Tensor:
@@ -128,3 +128,30 @@ def test_settings_are_checked_with_the_fix() -> None:
         build_codec({"name": "klt-ec", "rounding": "stochastic", "reconstruct": "centroid"})
     with pytest.raises(CodecError, match="bits"):
         build_codec({"name": "klt-ec", "bits": 0})
+
+
+def test_adaptive_basis_is_smaller_for_the_same_error() -> None:
+    """Weak components' vectors travel with fewer bits; projecting onto the exact vectors
+    keeps the strong components from leaking into them."""
+    x = rows_(3000, c=128)
+    spec = {"name": "klt-ec", "bits": 1.0, "fit_rows": 1000}
+    sizes, errs = {}, {}
+    for dtype in ("int8", "adaptive"):
+        tx, rx = build_codec({**spec, "basis_dtype": dtype}), build_codec({**spec,
+                                                                           "basis_dtype": dtype})
+        basis = tx.encode(x[:1000], ctx_(0))
+        sizes[dtype] = len(basis)
+        rx.decode(basis, ctx_(0))
+        y = rx.decode(tx.encode(x[1000:], ctx_(1)), ctx_(1))
+        test = x[1000:]
+        errs[dtype] = float((y - test).square().sum() / (test - test.mean(0)).square().sum())
+    assert sizes["adaptive"] < sizes["int8"] - 128 * 128 * 2 // 8  # > 2 bits an entry saved
+    assert errs["adaptive"] < 1.05 * errs["int8"]
+
+
+def test_vector_widths_follow_each_components_share_of_the_error() -> None:
+    c = 64
+    vec = torch.linalg.qr(torch.randn(c, 4, generator=torch.Generator().manual_seed(1)))[0]
+    widths = vector_widths(vec, torch.tensor([100.0, 1.0, 0.1, 0.0]), delta=1.0)
+    assert widths.tolist()[0] == 8 and widths[-1] == 2
+    assert list(widths) == sorted(widths, reverse=True)
