@@ -70,9 +70,10 @@ _TINY = 1e-30
 def _constriction():
     try:
         import constriction
-    except ImportError as err:  # pragma: no cover - a declared dependency
+    except ImportError as err:  # pragma: no cover - the `entropy` extra
         raise CodecError("codec 'klt-ec' needs the `constriction` package (its entropy "
-                         "coder): pip install constriction") from err
+                         "coder) on both sides: pip install \"fedsplit[entropy]\" or pip "
+                         "install constriction==0.5.0") from err
     return constriction
 
 

@@ -155,3 +155,18 @@ def test_vector_widths_follow_each_components_share_of_the_error() -> None:
     widths = vector_widths(vec, torch.tensor([100.0, 1.0, 0.1, 0.0]), delta=1.0)
     assert widths.tolist()[0] == 8 and widths[-1] == 2
     assert list(widths) == sorted(widths, reverse=True)
+
+
+def test_a_missing_entropy_coder_names_the_extra_to_install(monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_constriction(name, *args, **kwargs):
+        if name.split(".")[0] == "constriction":
+            raise ImportError("No module named 'constriction'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_constriction)
+    with pytest.raises(CodecError, match=r"fedsplit\[entropy\]"):
+        build_codec({"name": "klt-ec"})
