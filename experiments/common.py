@@ -149,14 +149,17 @@ class FinishedModel:
         self.batches = list(self.task.loader(self.task.encode(test), 128, shuffle=False))
         self.header = f"{config}, checkpoint `{checkpoint}` (round {self.round})"
 
-    def accuracy(self, hidden_of: Any = None) -> float:
-        """Test accuracy in %; ``hidden_of(step, batch, cut)`` may replace the cut tensor."""
+    def accuracy(self, hidden_of: Any = None, on_logits: Any = None) -> float:
+        """Test accuracy in %; ``hidden_of(step, batch, cut)`` may replace the cut tensor,
+        ``on_logits(step, logits)`` sees each batch's predictions."""
         correct = total = 0
         with torch.no_grad():
             for step, batch in enumerate(self.batches):
                 cut = self.split.client(batch)
                 hidden = cut.hidden if hidden_of is None else hidden_of(step, batch, cut)
                 logits = self.split.server(hidden, cut.side)
+                if on_logits is not None:
+                    on_logits(step, logits)
                 correct += int((logits.argmax(-1) == batch["labels"]).sum())
                 total += len(batch["labels"])
         return 100.0 * correct / total

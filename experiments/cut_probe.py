@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     task = model.task
     sent = [0, 0, 0]  # bytes sent, bytes of the float32 tensors, real (unpadded) values
 
-    with torch.no_grad():  # the uncompressed predictions, for the KL column
-        reference = [torch.log_softmax(model.split.server(c.hidden, c.side), -1)
-                     for c in (model.split.client(b) for b in model.batches)]
+    reference = []  # the uncompressed predictions, for the KL column
+    base = model.accuracy(on_logits=lambda step, logits: reference.append(
+        torch.log_softmax(logits, -1)))
 
     def probe(round_trip) -> tuple[float, float, float, float, float]:
         """Accuracy, ratio, bits per real value, relative squared error of the real
@@ -109,16 +109,16 @@ def main(argv: list[str] | None = None) -> int:
             x = cut.hidden[real]
             err[0] += float((hidden[real] - x).square().sum())
             err[1] += float((x - x.mean(0)).square().sum())
-            logp = torch.log_softmax(model.split.server(hidden, cut.side), -1)
-            ref = reference[step]
-            err[2] += float((ref.exp() * (ref - logp)).sum())
             return hidden
-        acc = model.accuracy(hidden_of)
+
+        def kl_of(step, logits):
+            logp, ref = torch.log_softmax(logits, -1), reference[step]
+            err[2] += float((ref.exp() * (ref - logp)).sum())
+        acc = model.accuracy(hidden_of, kl_of)
         n = sum(len(b["labels"]) for b in model.batches)
         return acc, sent[1] / sent[0], 8 * sent[0] / sent[2], err[0] / err[1], err[2] / n
 
     calibration: torch.Tensor | None = None
-    base = model.accuracy()
     lines = [f"{model.header}, activations only, no retraining; uncompressed accuracy "
              f"{base:.2f} %.", "",
              "Relative error: squared error of the real tokens' activations over their "

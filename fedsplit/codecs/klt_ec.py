@@ -17,7 +17,7 @@ How a message is coded (after the same warm-up and basis fit as ``klt``):
   per row a scale ``s_i`` (RMS of ``y_ij / sigma_j``) adapts the model to each token's
   norm (a transformer's CLS/SEP rows differ from the words);
 * ``q_ij = round(y_ij / delta)``; ``delta`` is chosen per message by bisection so the
-  model's estimated size of the message meets ``bits`` per value (row scales included);
+  model's estimated size of the indices meets ``bits`` per value (row scales on top);
 * the indices are coded with ``constriction``'s ANS coder under a zero-mean quantized
   Gaussian (or Laplace) of spread ``sigma_j s_i / delta``, a model both sides know;
   (``rounding: stochastic`` rounds up with probability equal to the fraction: the
@@ -52,7 +52,6 @@ from fedsplit.codecs.base import (
     CodecError,
     check_choice,
     check_float,
-    check_int,
     register_codec,
 )
 from fedsplit.codecs.klt import BASIS_DTYPES, KLT, vectors_to_bytes
@@ -162,7 +161,6 @@ class EntropyKLT(KLT):
 
     name = "klt-ec"
     tag = 16
-    stateful = True
     basis_dtypes = (*BASIS_DTYPES, "adaptive")
 
     def __init__(self, *, bits: float = 1.0, fit_rows: int = 1024, warmup_bits: int = 1,
@@ -181,12 +179,11 @@ class EntropyKLT(KLT):
                              "`reconstruct: midpoint` (its default).")
         self.min_bits = check_float(self.name, "min_bits", min_bits, 0.0, 8.0)
         bits = check_float(self.name, "bits", bits, 0.0, 8.0, lo_open=True)
-        fit_rows = check_int(self.name, "fit_rows", fit_rows, 1, 2 ** 31 - 1)
         _constriction()
         super().__init__(bits=min(bits, 6.0), fit_rows=fit_rows, warmup_bits=warmup_bits,
                          basis_dtype=basis_dtype, scale_dtype=scale_dtype)
         self.bits = bits
-        self.config = {"bits": bits, "fit_rows": fit_rows, "warmup_bits": self.warmup_bits,
+        self.config = {"bits": bits, "fit_rows": self.fit_rows, "warmup_bits": self.warmup_bits,
                        "basis_dtype": self.basis_dtype, "scale_dtype": self.scale_dtype,
                        "model": self.model, "reconstruct": self.reconstruct,
                        "rounding": self.rounding, "min_bits": self.min_bits}
@@ -203,8 +200,9 @@ class EntropyKLT(KLT):
         per = torch.zeros(c, dtype=torch.float64)
         delta = 1.0
         if bool(live.any()):  # (one fitted row, or constant rows: nothing varies)
-            delta = self._solve_delta(lambda d: self._expected_bits(sigma[live], d),
-                                      self.bits * c, float(sigma.max()))
+            delta = self._solve_delta(
+                lambda d: float(self._component_bits(sigma[live], d).sum()), self.bits * c,
+                float(sigma.max()))
             per[live] = self._component_bits(sigma[live], delta)
         keep = torch.nonzero(live & (per >= self.min_bits)).flatten()
         if keep.numel() > MAX_INDEX:  # pragma: no cover - C > 65535
@@ -233,9 +231,6 @@ class EntropyKLT(KLT):
         exact = -(p * torch.log2(p)).sum(0)
         high = torch.log2(t.clamp_min(1e-300) * math.sqrt(2.0 * math.pi * math.e))
         return torch.where(t < 32.0, exact, high)
-
-    def _expected_bits(self, sigma: torch.Tensor, delta: float) -> float:
-        return float(self._component_bits(sigma, delta).sum())
 
     @staticmethod
     def _solve_delta(bits_at, budget: float, start: float) -> float:
@@ -268,7 +263,7 @@ class EntropyKLT(KLT):
                            self.scale_dtype, self.name, "scale", x)
         budget = self.bits * rows * basis.width
         if k and rows:
-            y64 = y.double()
+            y64, outer = y.double(), self._outer_spread(scale)
             if self.rounding == "stochastic":  # floor(y / delta + u): unbiased
                 u = torch.rand(rows, k, generator=ctx.generator(self.name),
                                dtype=torch.float64)
@@ -278,26 +273,30 @@ class EntropyKLT(KLT):
 
             def bits_at(d: float) -> float:
                 q = to_index(d).clamp(-MAX_INDEX, MAX_INDEX)
-                return estimated_bits(q, self._index_spread(scale, d), self.model)
+                return estimated_bits(q, self._index_spread(outer, d), self.model)
             top = float(y64.abs().max())
             delta = float(np.float32(self._solve_delta(bits_at, budget,
                                                        top if top > 0 else 1.0)))
             q = to_index(delta).clamp(-MAX_INDEX, MAX_INDEX)
             # The model exactly as the receiver rebuilds it: an entropy coder's two sides
             # must agree to the last bit of every probability.
-            words, top_q = self._ans_encode(q, self._index_spread(scale, delta))
+            words, top_q = self._ans_encode(q, self._index_spread(outer, delta))
         else:
             delta, words, top_q = 1.0, np.zeros(0, dtype=np.uint32), 0
         return (floats_to_bytes(scale, self.scale_dtype) + struct.pack("<fH", delta, top_q)
                 + words.astype("<u4").tobytes())
 
-    def _index_spread(self, scale: torch.Tensor, delta: float) -> torch.Tensor:
-        """``(rows, k)`` spreads of the indices' model in bins, computed identically on
-        both sides (float64, from the values exactly as they travel). Stochastic rounding
-        of ``y`` is nearest rounding of ``y / delta`` plus uniform noise: its variance
-        adds 1/12."""
+    def _outer_spread(self, scale: torch.Tensor) -> torch.Tensor:
+        """``(rows, k)`` model spreads before the step: row scale times component spread
+        (float64, from the values exactly as they travel)."""
         assert self._basis is not None
-        spread = scale.double().view(-1, 1) * self._basis.sigma.double().view(1, -1) / delta
+        return scale.double().view(-1, 1) * self._basis.sigma.double().view(1, -1)
+
+    def _index_spread(self, outer: torch.Tensor, delta: float) -> torch.Tensor:
+        """``(rows, k)`` spreads of the indices' model in bins, computed identically on
+        both sides from :meth:`_outer_spread`. Stochastic rounding of ``y`` is nearest
+        rounding of ``y / delta`` plus uniform noise: its variance adds 1/12."""
+        spread = outer / delta
         if self.rounding == "stochastic":
             spread = (spread.square() + 1.0 / 12.0).sqrt()
         return spread
@@ -345,7 +344,7 @@ class EntropyKLT(KLT):
                 or bool((scale < 0).any()):
             raise CodecError(f"codec {self.name!r}: corrupted step or row scales in the "
                              "message.")
-        spread = self._index_spread(scale, delta)
+        spread = self._index_spread(self._outer_spread(scale), delta)
         y = torch.zeros(rows, k, dtype=torch.float64)
         if rows and k:
             coder = _constriction().stream.stack.AnsCoder(
