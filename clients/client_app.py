@@ -15,31 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.lightweight import SegmentCompression
 from clients.memory import MemoryMeter
-from clients.trainer import (
-    Cursor,
-    schedule,
-    train_full,
-    train_local,
-    train_local_loss,
-    train_u_shaped,
-    with_sample_ids,
-)
+from clients.trainer import Cursor, schedule, with_sample_ids
 from fedsplit.channel import SplitChannelClient
 from fedsplit.config import load_config
 from fedsplit.deploy.data import NODE_DATA_PATH, load_device_partition
 from fedsplit.models import build_model
+from fedsplit.modes import AuxHead, LoopHooks
 from fedsplit.optim import make_optimizer, run_progress, set_lr
-from fedsplit.pruning import token_counts, token_embedding
-from fedsplit.split import full_forward
-from fedsplit.split.layout import AuxHead, ClientPlan, client_layout
-from fedsplit.sync import decode_global
-from fedsplit.task import Task
-from strategies.protocol import (
+from fedsplit.protocol import (
     KEY_ADDRESS,
     KEY_CLIENT,
     KEY_CODECS,
@@ -54,10 +42,18 @@ from strategies.protocol import (
     KEY_TOKEN,
     array_record_bytes,
 )
+from fedsplit.pruning import token_counts, token_embedding
+from fedsplit.runtime import resolve_device
+from fedsplit.split.layout import ClientPlan, client_layout
+from fedsplit.split.norm import load_norm_state, norm_state
+from fedsplit.sync import decode_global
+from fedsplit.tasks import Task, build_task
 
 # Config sections only the server reads: a client need not have the strategy's code
 # (a user's `package.module:Class`) or the fleet's profile file.
 SERVER_SECTIONS = ("strategy.", "fleet.")
+
+NORM_STATE = "fedsplit-batch-norm"  # context.state record of model.batch-norm=local
 
 app = ClientApp()
 
@@ -114,6 +110,11 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"info": info}), reply_to=msg)
 
 
+def augment_seed(run_seed: int, partition_id: int, server_round: int) -> int:
+    """Seed of this client's train-time augmentation this round (a rerun repeats it)."""
+    return (run_seed * 1_000_003 + partition_id) * 1_000_033 + server_round
+
+
 def round_config(config: ConfigRecord) -> tuple[Any, ClientPlan]:
     """This client's run config (the run's, minus server-only sections, plus its own
     overrides and its plan's cut) and its plan."""
@@ -139,13 +140,18 @@ def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
 
     torch.manual_seed(int(config[KEY_SEED]))  # client-side dropout repeats in a rerun
-    task = Task(cfg)
+    device = resolve_device(cfg.run.device)
+    task = build_task(cfg)
     part = client_partition(task, context)
     layout = client_layout(build_model(cfg.model, pretrained=False), cfg)
     reference = decode_global(msg.content["arrays"])  # exactly what the server sent
-    aux = AuxHead.from_state(reference, "aux.") if plan.mode == "local-loss" else None
+    mode = plan.kind
+    aux = AuxHead.from_state(reference, "aux.") if mode.needs_aux() else None
     held = layout.client_module(plan, aux)  # what this client trains under its plan
     held.load_state_dict(reference, strict=True)
+    local_norm = cfg.model.batch_norm == "local"  # FedBN: this client's own BatchNorm layers
+    if local_norm and NORM_STATE in context.state:
+        load_norm_state(held, context.state[NORM_STATE].to_torch_state_dict())
     light = SegmentCompression(cfg, server_round, pid, context.node_config)
     counts = None
     if light.needs_token_counts:  # usage-aware pruning: the whole partition's tokens, locally
@@ -161,10 +167,12 @@ def train(msg: Message, context: Context) -> Message:
     flat = [int(i) for b in index_batches for i in b]
     # Encode only this round's samples (tokenizing the whole partition would be wasted).
     loader = with_sample_ids(
-        task.loader(task.encode(part.select(flat)), cfg.train.batch_size, shuffle=False),
+        task.loader(task.encode(part.select(flat)), cfg.train.batch_size, shuffle=False,
+                    augment_seed=augment_seed(cfg.run.seed, pid, server_round)),
         flat)  # ids: indices in the partition, the same every round (for `delta`)
     setup_seconds = time.perf_counter() - start
 
+    segment.to(device)
     optimizer = make_optimizer(segment.parameters(), cfg.train)
     light.attach(segment, optimizer)
     meter = MemoryMeter(segment, optimizer)
@@ -185,19 +193,17 @@ def train(msg: Message, context: Context) -> Message:
         def lr_at(step: int) -> None:
             set_lr(optimizer, cfg.train, run_progress(cfg.train, server_round, step))
 
-        if channel is None:
-            result = train_full(segment, lambda batch: full_forward(segment, batch), loader,
-                                optimizer, progress, lr_at, meter)
-        else:
-            trainer = {"split": train_local, "local-loss": train_local_loss,
-                       "u-shaped": train_u_shaped}[plan.mode]
-            result = trainer(segment, loader, channel, optimizer, progress, lr_at, meter)
+        hooks = LoopHooks(lr_at=lr_at, meter=meter, progress=progress, device=device)
+        result = mode.train(segment, loader, channel, optimizer, task.objective, hooks)
     finally:
         if channel is not None:
             channel.close()
         if progress is not None:
             progress.close()
 
+    segment.cpu()  # the update is encoded from CPU tensors, whatever the device
+    if local_norm:  # kept in the node's context for its next round
+        context.state[NORM_STATE] = ArrayRecord(norm_state(segment))
     record, segment_metrics = light.package(segment, reference,
                                             seed=int(config[KEY_SEED]) ^ server_round)
     metrics = result.metrics()

@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedsplit.config import load_config  # noqa: E402
 from fedsplit.models import build_model  # noqa: E402
 from fedsplit.optim import make_optimizer, set_lr  # noqa: E402
-from fedsplit.split import full_forward, loss_fn  # noqa: E402
-from fedsplit.task import Task, seed_everything, with_resolved_paths  # noqa: E402
+from fedsplit.split import full_forward  # noqa: E402
+from fedsplit.runtime import seed_everything  # noqa: E402
+from fedsplit.tasks import prepare_run  # noqa: E402
 
 
 def samples_per_round(cfg: Any, clients: int) -> int:
@@ -39,14 +40,16 @@ def samples_per_round(cfg: Any, clients: int) -> int:
 
 
 @torch.no_grad()
-def evaluate_full(model: torch.nn.Module, loader: Any) -> dict[str, float]:
+def evaluate_full(model: torch.nn.Module, loader: Any, objective: Any) -> dict[str, float]:
     model.eval()
     n, correct, loss_sum = 0, 0, 0.0
     for batch in loader:
-        logits = full_forward(model, batch)
-        loss_sum += float(loss_fn(logits, batch["labels"])) * len(batch["labels"])
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        n += len(batch["labels"])
+        output = full_forward(model, batch)
+        targets = objective.targets(batch)
+        count = objective.count(targets)
+        loss_sum += float(objective.loss(output, targets)) * count
+        correct += objective.correct(output, targets)
+        n += count
     model.train()
     return {"accuracy": correct / n, "loss": loss_sum / n}
 
@@ -55,43 +58,52 @@ def train_centralized(cfg: Any, samples: int, eval_every: int | None = None,
                       evaluate: bool = True) -> dict[str, Any]:
     """Train the unsplit model on ``samples`` shuffled training samples.
 
-    Returns the evaluation rows and the pure training time (no data loading, no eval).
+    The same optimizer, schedule (over the same number of steps), batch size and
+    augmentation as the federated run; the data is a sequence of shuffled epochs of the
+    whole train set. Returns the evaluation rows and the pure training time (no data
+    loading, no eval).
     """
-    cfg = with_resolved_paths(cfg)
+    cfg, task, train_set, test_set = prepare_run(cfg)
     seed_everything(cfg.run.seed)
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
-    task = Task(cfg)
     model = build_model(cfg.model, pretrained=True)
-    train_set, test_set = task.datasets()
     train = task.encode(train_set)
     test_loader = task.loader(task.encode(test_set), cfg.eval.batch_size, shuffle=False)
+    objective = task.objective
     bs = cfg.train.batch_size
     steps = math.ceil(samples / bs)
     rng = np.random.default_rng(cfg.run.seed)
-    order = np.concatenate([rng.permutation(len(train))
-                            for _ in range(math.ceil(steps * bs / len(train)))])[: steps * bs]
-    loader = task.loader(train.select([int(i) for i in order]), bs, shuffle=False)
+    order = np.concatenate([rng.permutation(len(train_set))
+                            for _ in range(math.ceil(steps * bs / len(train_set)))])[: steps * bs]
     opt = make_optimizer(model.parameters(), cfg.train)
     model.train()
-    rows, seen, train_seconds = [], 0, 0.0
+    rows, seen, train_seconds, step = [], 0, 0.0, 0
     eval_every = eval_every or samples
     next_eval = eval_every
-    for step, batch in enumerate(loader, 1):
-        set_lr(opt, cfg.train, (step - 1) / steps)  # same schedule as the federated run
-        t0 = time.perf_counter()
-        loss = loss_fn(full_forward(model, batch), batch["labels"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        train_seconds += time.perf_counter() - t0
-        seen += len(batch["labels"])
-        if evaluate and (seen >= next_eval or step == steps):
-            row = {"samples": seen, "train_seconds": train_seconds, **evaluate_full(model, test_loader)}
-            rows.append(row)
-            print(f"[centralized] samples {seen:6d}  accuracy {100 * row['accuracy']:.2f}%  "
-                  f"loss {row['loss']:.4f}  train {train_seconds:.1f}s", flush=True)
-            next_eval += eval_every
+    chunk = bs * max(1, len(train_set) // bs)  # about one epoch of batches per loader
+    for c, start in enumerate(range(0, len(order), chunk)):
+        # Each chunk gets its own augmentation seed (a rerun repeats it).
+        loader = task.loader(task.select(train, order[start:start + chunk]), bs,
+                             shuffle=False, augment_seed=cfg.run.seed * 1_000_003 + c)
+        for batch in loader:
+            step += 1
+            set_lr(opt, cfg.train, (step - 1) / steps)  # same schedule as the federated run
+            t0 = time.perf_counter()
+            targets = objective.targets(batch)
+            loss = objective.loss(full_forward(model, batch), targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            train_seconds += time.perf_counter() - t0
+            seen += int(targets.shape[0])
+            if evaluate and (seen >= next_eval or step == steps):
+                row = {"samples": seen, "train_seconds": train_seconds,
+                       **evaluate_full(model, test_loader, objective)}
+                rows.append(row)
+                print(f"[centralized] samples {seen:6d}  accuracy {100 * row['accuracy']:.2f}%  "
+                      f"loss {row['loss']:.4f}  train {train_seconds:.1f}s", flush=True)
+                next_eval += eval_every
     return {"rows": rows, "samples": seen, "steps": steps, "train_seconds": train_seconds}
 
 

@@ -35,7 +35,9 @@ from clients.lightweight import SegmentCompression  # noqa: E402
 from clients.memory import MemoryMeter  # noqa: E402
 from fedsplit.config import load_config  # noqa: E402
 from fedsplit.optim import make_optimizer  # noqa: E402
-from fedsplit.task import Task, seed_everything, with_resolved_paths  # noqa: E402
+from fedsplit.paths import with_resolved_paths
+from fedsplit.runtime import seed_everything
+from fedsplit.tasks import build_task  # noqa: E402
 
 CONSTANT = ["prune.schedule=constant"]  # the target sparsity from the first round
 SETTINGS: dict[str, list[str]] = {
@@ -51,7 +53,7 @@ SETTINGS: dict[str, list[str]] = {
 
 def build(cfg: Any, weights: dict[str, torch.Tensor]) -> tuple[Any, Any, MemoryMeter]:
     """The client segment of one setting at its target, its optimizer and meter."""
-    task = Task(cfg)
+    task = build_task(cfg)
     segment = task.split(pretrained=False).client
     segment.load_state_dict(weights)
     light = SegmentCompression(cfg, server_round=1, partition_id=0, node_config={})
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     base_cfg = with_resolved_paths(load_config(args.config, args.overrides))
     seed_everything(base_cfg.run.seed)
     torch.set_num_threads(base_cfg.run.num_threads or torch.get_num_threads())
-    task = Task(base_cfg)
+    task = build_task(base_cfg)
     weights = task.split(pretrained=True).client.state_dict()
     train, _ = task.datasets()
     n = args.batches * base_cfg.train.batch_size

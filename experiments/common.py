@@ -14,7 +14,8 @@ import torch
 from fedsplit.config import load_config
 from fedsplit.metrics import read_metrics
 from fedsplit.simulate import simulate
-from fedsplit.task import Task, with_resolved_paths
+from fedsplit.paths import with_resolved_paths
+from fedsplit.tasks import build_task
 
 
 def run_rows(rows: dict[str, list[str]], names: list[str], config: str, clients: int,
@@ -136,7 +137,7 @@ class FinishedModel:
     """
 
     def __init__(self, config: str, checkpoint: str) -> None:
-        self.task = Task(with_resolved_paths(load_config(config)))
+        self.task = build_task(with_resolved_paths(load_config(config)))
         self.split = self.task.split()
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
         self.round = ckpt["round"]

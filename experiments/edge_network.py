@@ -72,7 +72,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedsplit.config import ConfigError, load_config  # noqa: E402
 from fedsplit.deploy.data import prepare_device_data  # noqa: E402
-from fedsplit.deploy.federation import Deployment, RunResult, parse_override  # noqa: E402
+from fedsplit.deploy.federation import Deployment, RunResult  # noqa: E402
+from fedsplit.deploy.commands import parse_override  # noqa: E402
 from fedsplit.deploy.netns import (  # noqa: E402
     SERVICE_IP,
     EdgeNetwork,

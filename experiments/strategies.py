@@ -41,7 +41,7 @@ def rows_for(profiles: str, devices: str, server: str, budget: float,
     """name -> overrides (the same for every config)."""
     steps = [f"strategy.options={{steps: {alloc_steps}}}"] if alloc_steps else []
     return {
-        BASELINE: [],  # the config's own strategy (train.mode: sflv1)
+        BASELINE: [],  # the config's own strategy (strategy.name: sflv1)
         "strategy-sflv2": ["strategy.name=sflv2"],
         "strategy-local-loss": ["strategy.name=local-loss"],
         "strategy-u-shaped": ["strategy.name=u-shaped"],
@@ -59,9 +59,10 @@ def steps_per_round(config: str, clients: int) -> int | None:
     cfg = load_config(config, [])
     if cfg.train.local_steps:
         return None
-    from fedsplit.task import Task, with_resolved_paths
+    from fedsplit.paths import with_resolved_paths
+    from fedsplit.tasks import build_task
 
-    task = Task(with_resolved_paths(cfg))
+    task = build_task(with_resolved_paths(cfg))
     train, _ = task.datasets()
     n = len(task.partition(train, 0, clients))
     return math.ceil(n / cfg.train.batch_size) * cfg.train.local_epochs

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedsplit.config import project_root, to_yaml
+from fedsplit.config import to_yaml
+from fedsplit.paths import project_root
 
 
 class RunWriter:
@@ -33,6 +34,17 @@ class RunWriter:
             self.metrics_path.write_text("")
             self.clients_path.write_text("")
         self.rows: list[dict[str, Any]] = []
+
+    def write_classes(self, ds: Any, label_column: str) -> Path | None:
+        """``classes.json``: the class names of the label column, in label order (only
+        when the data has names, e.g. string labels encoded at load time)."""
+        feature = getattr(ds, "features", {}).get(label_column)
+        names = getattr(feature, "names", None)
+        if not names:
+            return None
+        path = self.dir / "classes.json"
+        path.write_text(json.dumps(list(names), indent=1) + "\n")
+        return path
 
     def restore(self, rows: list[dict[str, Any]], last_round: int) -> None:
         """Resume: keep the checkpoint's rows, drop lines of rounds after it."""

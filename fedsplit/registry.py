@@ -13,13 +13,55 @@ name lists the registered ones.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_DOTPATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+class DotpathError(ImportError):
+    """A ``package.module:attribute`` cannot be imported; the message says why and how."""
+
+
+def is_dotpath(spec: object) -> bool:
+    """Whether ``spec`` has the form ``package.module:attribute``."""
+    return isinstance(spec, str) and ":" in spec
+
+
+def import_dotpath(spec: str, what: str) -> Any:
+    """The object ``package.module:attribute`` names (``attribute`` may be dotted).
+
+    Modules are imported with :func:`importlib.import_module`, i.e. from installed code or
+    ``PYTHONPATH``, never from a file path: Flower apps run in Ray workers and SuperNode
+    processes whose working folder is not the one the run was started from.
+
+    Raises
+    ------
+    DotpathError
+        Malformed path, module not importable, or no such attribute (``what`` names the
+        kind of object, e.g. ``"model builder"``).
+    """
+    if not isinstance(spec, str) or not _DOTPATH.match(spec):
+        raise DotpathError(f"{spec!r} is not of the form `package.module:name` (a dotted "
+                           f"module path, one colon, the {what}'s name)")
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DotpathError(f"cannot import {module_name!r} for {what} {spec!r} ({exc}); the "
+                           "module must be installed (e.g. `pip install -e .` of its project) "
+                           "or on PYTHONPATH where fedsplit runs") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise DotpathError(f"module {module_name!r} has no attribute {attr!r} (for {what} "
+                               f"{spec!r})")
+        obj = getattr(obj, part)
+    return obj
 
 
 class RegistryError(KeyError):

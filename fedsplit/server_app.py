@@ -18,6 +18,12 @@ from fedsplit.config import load_config
 from fedsplit.preflight import preflight
 from fedsplit.server.app import serve
 from fedsplit.server.grid import StoppableGrid
+from strategies import build_strategy  # the composition root: it alone wires in the apps
+
+
+def strategy_factory(channel: Any, cfg: Any) -> Any:
+    """The strategy ``strategy.name`` names, with its ``strategy.options``."""
+    return build_strategy(cfg.strategy.name, cfg.strategy.options, channel, cfg)
 
 
 def make_server_app(overrides: dict[str, Any] | list[str] | None = None,
@@ -37,7 +43,7 @@ def make_server_app(overrides: dict[str, Any] | list[str] | None = None,
         else:
             cfg = load_config(path, overrides)
         preflight(cfg)  # bad data paths, model folder, cut: fail before any training
-        serve(grid if stop is None else StoppableGrid(grid, stop), cfg)
+        serve(grid if stop is None else StoppableGrid(grid, stop), cfg, strategy_factory)
 
     return server_app
 

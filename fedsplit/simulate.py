@@ -24,8 +24,12 @@ from fedsplit.ray_runtime import ray_runtime
 
 def simulate(config: str | None = None, overrides: list[str] | dict[str, Any] | None = None,
              clients: int = 2, cpus_per_client: float = 2.0,
-             ray_cpus: int | None = None) -> Path:
-    """Validate the config, run the simulation, return the run directory."""
+             ray_cpus: int | None = None, gpus_per_client: float = 0.0) -> Path:
+    """Validate the config, run the simulation, return the run directory.
+
+    ``gpus_per_client``: the share of a GPU Ray reserves for each client actor (e.g. 0.25:
+    four clients share one GPU); the clients' segments then run on ``run.device``.
+    """
     from flwr.simulation import run_simulation
 
     from clients.client_app import app as client_app
@@ -39,9 +43,22 @@ def simulate(config: str | None = None, overrides: list[str] | dict[str, Any] | 
         over["run.name"] = time.strftime("%Y%m%d-%H%M%S")
         cfg = load_config(config, over)
     preflight(cfg)  # fail before Ray starts
+    if gpus_per_client < 0:
+        raise ConfigError([f"--gpus-per-client: {gpus_per_client} is negative; use 0 (CPU "
+                           "clients) or a share of a GPU such as 0.25"])
+    if gpus_per_client > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError([f"--gpus-per-client {gpus_per_client}: torch sees no CUDA GPU "
+                               "here; drop the option (CPU clients)"])
+        if cfg.run.device == "cpu":
+            raise ConfigError(["--gpus-per-client gives the clients GPU shares, but "
+                               "run.device=cpu keeps them on the CPU; set run.device=auto or "
+                               "cuda"])
     backend: dict[str, Any] = {"client_resources": {"num_cpus": cpus_per_client,
-                                                    "num_gpus": 0.0}}
-    init_args = {"num_cpus": ray_cpus} if ray_cpus else {}
+                                                    "num_gpus": float(gpus_per_client)}}
+    init_args: dict[str, Any] = {"num_cpus": ray_cpus} if ray_cpus else {}
     stop = threading.Event()
     with ray_runtime(init_args):  # Flower uses this Ray; nothing of it outlives the run
         try:
@@ -64,11 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=2, help="number of simulated clients")
     parser.add_argument("--cpus-per-client", type=float, default=2.0,
                         help="Ray CPUs per client (2 on a 2-core machine = one at a time)")
+    parser.add_argument("--gpus-per-client", type=float, default=0.0,
+                        help="share of a GPU per client actor (0 = none; 0.25 = 4 per GPU)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        run_dir = simulate(args.config, args.overrides, args.clients, args.cpus_per_client)
+        run_dir = simulate(args.config, args.overrides, args.clients, args.cpus_per_client,
+                           gpus_per_client=args.gpus_per_client)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

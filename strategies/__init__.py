@@ -8,10 +8,10 @@ from the run config, without editing fedsplit::
       # name: my_package.my_module:MyStrategy   (an importable class of installed code)
       options: {back-cut: 5}              # keyword arguments of its __init__
 
-Registered here: ``splitfed`` (SplitFedAvg, server route from ``train.mode``),
-``sflv1``, ``sflv2``, ``local-loss``, ``u-shaped``, ``fedavg`` (full-model baseline),
-``allocator`` (per-client cuts from device profiles). An empty ``strategy.name`` picks
-the one ``train.mode`` names. ``strategies/example_custom.py`` is a template.
+Registered here: ``splitfed`` (SplitFedAvg, server route from its ``server-segments``
+option, default ``replica``), ``sflv1``, ``sflv2``, ``local-loss``, ``u-shaped``,
+``fedavg`` (full-model baseline), ``allocator`` (per-client cuts from device profiles).
+``strategies/example_custom.py`` is a template.
 
 Everything is checked before training (:func:`check_strategy`, run by config
 validation): the name resolves to a ``SplitFedAvg`` subclass, the options are keyword
@@ -168,3 +168,14 @@ from strategies import local_loss as _local_loss  # noqa: E402,F401  ("local-los
 from strategies import ushaped as _ushaped  # noqa: E402,F401  ("u-shaped")
 from strategies import fedavg as _fedavg  # noqa: E402,F401  ("fedavg")
 from strategies import allocator as _allocator  # noqa: E402,F401  ("allocator")
+
+
+def _check_strategy_section(flat: Mapping[str, Any]) -> list[str]:
+    """Config validation of ``strategy.name`` / ``strategy.options`` (registered below)."""
+    return check_strategy(flat["strategy.name"], flat["strategy.options"], flat)
+
+
+# The library validates strategy settings through this hook: it imports no app.
+from fedsplit.config import register_check  # noqa: E402
+
+register_check(_check_strategy_section)

@@ -46,11 +46,11 @@ from fedsplit.allocation import (
 from fedsplit.channel import wire
 from fedsplit.channel.server import SplitChannelServer
 from fedsplit.codecs import CodecContext, build_codec
-from fedsplit.config import resolve_path
+from fedsplit.paths import resolve_path
+from fedsplit.protocol import array_record_bytes
 from fedsplit.split.base import Batch
 from fedsplit.split.layout import ModelLayout
 from strategies import STRATEGIES, StrategyError
-from strategies.protocol import array_record_bytes
 from strategies.splitfed import SplitFedAvg
 
 

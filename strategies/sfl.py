@@ -10,7 +10,8 @@ Both average the client segments FedAvg-style each round; they differ on the ser
     optimizer whose state persists across rounds.
 
 ``splitfed`` (:class:`~strategies.splitfed.SplitFedAvg`) is the same strategy with the
-route taken from ``train.mode``; these two fix it, so ``strategy.name`` alone says it.
+route as an option (``server-segments``, default ``replica``); these two fix it, so
+``strategy.name`` alone says it.
 """
 
 from __future__ import annotations

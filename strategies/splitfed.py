@@ -21,21 +21,22 @@ Each round:
 
 Subclass and override the hooks (see ``strategies/example_custom.py``); options of a
 strategy are its ``__init__``'s keyword-only arguments, set from ``strategy.options``.
+
+The clients' identities (:mod:`strategies.directory`), the round bookkeeping and train
+messages (:mod:`strategies.rounds`) and the round loop (:mod:`fedsplit.server.loop`) live
+in their own modules; this class wires them to the hooks.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from logging import INFO, WARNING
-from typing import Any, ClassVar, NamedTuple
+from logging import INFO
+from typing import Any, ClassVar
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
@@ -44,49 +45,25 @@ from torch import nn
 
 from fedsplit.channel.server import SplitChannelServer
 from fedsplit.config import to_flat
-from fedsplit.server.layerwise import LayerSums, SegmentUpdate, to_global
+from fedsplit.protocol import RoundStats, weighted_metrics
+from fedsplit.server.layerwise import LayerSums, SegmentUpdate
+from fedsplit.server.loop import run_rounds
 from fedsplit.server.trainer import SEGMENTS, Route
 from fedsplit.split import SplitModel
 from fedsplit.split.base import Batch
 from fedsplit.split.layout import ClientPlan, LayoutError, ModelLayout
-from fedsplit.quantization import QuantizationError
-from fedsplit.sync import SyncError, compressed_updates, decode_client, encode_global
-from fedsplit.task import evaluate
+from fedsplit.sync import compressed_updates
+from fedsplit.tasks import build_task, evaluate
 from strategies import STRATEGIES, StrategyError
-from strategies.protocol import (  # noqa: F401  (re-exported: the ClientApp imports them here)
-    KEY_ADDRESS,
-    KEY_CLIENT,
-    KEY_CODECS,
-    KEY_CURSOR,
-    KEY_DEVICE,
-    KEY_NUM_EXAMPLES,
-    KEY_OVERRIDES,
-    KEY_PARTITION,
-    KEY_PLAN,
-    KEY_ROUND,
-    KEY_RUN_CONFIG,
-    KEY_SEED,
-    KEY_TOKEN,
-    RoundStats,
-    array_record_bytes,
-    weighted_metrics,
+from strategies.directory import ClientDirectory
+from strategies.rounds import (
+    ChannelAccess,
+    RoundBook,
+    SentSegment,
+    client_seed,
+    encode_segment,
+    train_record,
 )
-
-MODE_SEGMENTS = {"sflv1": "replica", "sflv2": "shared"}  # train.mode -> server route
-
-
-class SentSegment(NamedTuple):
-    """What one client was sent this round, kept to decode its reply."""
-
-    plan: ClientPlan
-    reference: dict[str, torch.Tensor]  # what the client decoded (its delta's origin)
-    base: dict[str, torch.Tensor]  # the full-precision segment it was encoded from
-    keys: dict[str, str]  # client state-dict key -> global key
-
-
-def _natural(key: str) -> list[Any]:
-    """Sort key that puts ``partition-2`` before ``partition-10``."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
 
 
 @STRATEGIES.register("splitfed")
@@ -104,8 +81,8 @@ class SplitFedAvg(FedAvg):
         ``{device kind: cut}`` for clients with a device profile (node config
         ``device-profile`` or ``fleet.devices``); wins over ``cuts``.
     server_segments
-        ``"replica"`` (SFLV1) or ``"shared"`` (SFLV2); ``None`` = what ``train.mode``
-        says.
+        ``"replica"`` (SFLV1) or ``"shared"`` (SFLV2); ``None`` = ``"replica"``.
+        Strategies that fix the route (``sflv1``, ``sflv2``) do not take it.
     """
 
     mode: ClassVar[str] = "split"  # the clients' training mode (ClientPlan.mode)
@@ -119,31 +96,22 @@ class SplitFedAvg(FedAvg):
                          min_available_nodes=cfg.train.min_clients, min_evaluate_nodes=0)
         self.channel = channel
         self.cfg = cfg
+        # How evaluate_round scores the global model (the run's task).
+        self.objective = build_task(cfg).objective
         self.run_config = to_flat(cfg)
         self.round_timeout = cfg.train.round_timeout
         self.cuts = list(cuts) if cuts else None
         self.device_cuts = dict(device_cuts or {})
-        self.server_segments = (self.fixed_segments or server_segments
-                                or MODE_SEGMENTS[cfg.train.mode])
-        if self.fixed_segments and self.fixed_segments != MODE_SEGMENTS[cfg.train.mode]:
-            log(INFO, "%s trains %s server segments; train.mode=%s does not apply to it.",
-                type(self).__name__, self.fixed_segments, cfg.train.mode)
-        self.rounds: dict[int, RoundStats] = {}
+        self.server_segments = self.fixed_segments or server_segments or "replica"
         self.layout: ModelLayout | None = None
         self.sample_batch: Batch | None = None
         # Global modules outside the model (local-loss aux heads), by name.
         self.extras: dict[str, nn.Module] = {}
         # Union of kept elements after the last mask-aware aggregation (global keys).
         self.global_masks: dict[str, torch.Tensor] | None = None
-        # What each client of this round received.
-        self._sent: dict[int, SentSegment] = {}
         self._start_state: dict[str, torch.Tensor] | None = None
-        # Clients by a stable key (partition id / node name), learned by one query at the
-        # start: node ids are random per run, keys are not, so sampling, data cursors and
-        # checkpoints survive a restart.
-        self.keys: dict[int, str] = {}
-        self.infos: dict[int, dict[str, Any]] = {}  # node -> {device, partition}
-        self.cursors: dict[str, int] = {}
+        self.directory = ClientDirectory(cfg.fleet.devices)  # clients by stable key
+        self.book = RoundBook(self.directory)
 
     # ------------------------------------------------------------------ plug-in API
     @classmethod
@@ -261,56 +229,40 @@ class SplitFedAvg(FedAvg):
     def evaluate_round(self, server_round: int, split: SplitModel,
                        loader: Any) -> dict[str, float]:
         """Held-out metrics of the global model (default: accuracy and loss)."""
-        return evaluate(split, loader)
+        return evaluate(split, loader, self.objective)
 
     def round_metrics(self, server_round: int) -> dict[str, Any]:
         """Extra entries for this round's row of ``metrics.jsonl`` (default: none)."""
         return {}
 
     # ------------------------------------------------------------------ clients
+    # The directory's; here so that subclasses and the ServerApp reach them as before.
+    @property
+    def keys(self) -> dict[int, str]:
+        """``{node id: client key}`` of every node queried so far."""
+        return self.directory.keys
+
+    @property
+    def rounds(self) -> dict[int, RoundStats]:
+        """``{server round: RoundStats}`` (read by the ServerApp's metrics writer)."""
+        return self.book.rounds
+
     def discover(self, grid: Grid) -> None:
         """Wait for ``train.min-clients`` nodes, then ask new ones who they are."""
-        while len(list(grid.get_node_ids())) < self.min_available_nodes:
-            log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).",
-                len(list(grid.get_node_ids())), self.min_available_nodes)
-            time.sleep(1)
-        new = [n for n in grid.get_node_ids() if n not in self.keys]
-        if not new:
-            return
-        queries = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
-                   for n in new]
-        for reply in grid.send_and_receive(queries, timeout=self.round_timeout):
-            node = reply.metadata.src_node_id
-            key, info = str(node), {"device": None, "partition": None}  # a foreign ClientApp
-            if not reply.has_error():
-                for rec in reply.content.config_records.values():
-                    key = str(rec.get(KEY_CLIENT, key))
-                    info["device"] = str(rec.get(KEY_DEVICE, "")) or None
-                    partition = int(rec.get(KEY_PARTITION, -1))  # type: ignore[arg-type]
-                    info["partition"] = partition if partition >= 0 else None
-            self.keys[node] = key
-            self.infos[node] = info
+        self.directory.discover(grid, self.min_available_nodes, self.round_timeout)
 
     def client_key(self, node_id: int) -> str:
-        return self.keys.get(node_id, str(node_id))
+        """The client's stable key (partition id / node name)."""
+        return self.directory.client_key(node_id)
 
     def client_index(self, node_id: int) -> int:
         """The client's partition id, else its place among the known clients' keys."""
-        partition = self.infos.get(node_id, {}).get("partition")
-        if partition is not None:
-            return int(partition)
-        order = sorted(self.keys.values(), key=_natural)
-        key = self.client_key(node_id)
-        return order.index(key) if key in order else 0
+        return self.directory.client_index(node_id)
 
     def device_of(self, node_id: int) -> str | None:
         """The client's device kind: its node config ``device-profile``, else
         ``fleet.devices`` at its index (cycled), else ``None``."""
-        device = self.infos.get(node_id, {}).get("device")
-        if device:
-            return str(device)
-        devices = list(self.cfg.fleet.devices)
-        return str(devices[self.client_index(node_id) % len(devices)]) if devices else None
+        return self.directory.device_of(node_id)
 
     # ------------------------------------------------------------------ global model
     def _require_layout(self) -> ModelLayout:
@@ -322,10 +274,6 @@ class SplitFedAvg(FedAvg):
     def aux_head(self, plan: ClientPlan) -> nn.Module | None:
         """The extra global module a plan's client trains besides the model (none here)."""
         return None
-
-    def _extras_for(self, plan: ClientPlan) -> dict[str, nn.Module]:
-        aux = self.aux_head(plan)
-        return {name: m for name, m in self.extras.items() if m is aux} if aux is not None else {}
 
     def global_state(self, clone: bool = False) -> dict[str, torch.Tensor]:
         """The global model and extras, in global keys (``clone``: a snapshot, else views
@@ -349,59 +297,28 @@ class SplitFedAvg(FedAvg):
         return ArrayRecord({k: v.detach().clone()
                             for k, v in layout.split(layout.default_cut).client.state_dict().items()})
 
-    def _client_record(self, plan: ClientPlan) -> tuple[ArrayRecord, SentSegment]:
-        layout = self._require_layout()
-        module = layout.client_module(plan, aux=self.aux_head(plan))  # type: ignore[arg-type]
-        keys = layout.key_map(module, self._extras_for(plan))
-        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        masks = None
-        if self.global_masks:
-            masks = {k: self.global_masks[g] for k, g in keys.items() if g in self.global_masks}
-        record, reference = encode_global(self.cfg, ArrayRecord(state), masks or None)
-        return record, SentSegment(plan, reference, state, keys)
-
-    # ------------------------------------------------------------------ run loop
+    # ------------------------------------------------------------------ run loop, state
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
               start_round: int = 1,
               on_round_end: Callable[[int, ArrayRecord], None] | None = None) -> Result:
-        """FedAvg's round loop, able to start at ``start_round`` (resume) and with a hook
-        after each round (checkpoints). Federated evaluation is not used: the server
-        evaluates the global split model itself (``evaluate_fn``)."""
+        """Flower's round loop plus ``start_round`` (resume) and ``on_round_end``
+        (checkpoints), without federated evaluation: see :mod:`fedsplit.server.loop`.
+        ``evaluate_config`` is accepted for Flower's signature and not used."""
         del evaluate_config
-        log(INFO, "Starting %s strategy (rounds %d..%d):", type(self).__name__, start_round,
-            num_rounds)
-        self.summary()
-        result, arrays = Result(), initial_arrays
-        train_config = train_config or ConfigRecord()
-        for server_round in range(start_round, num_rounds + 1):
-            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-            replies = grid.send_and_receive(
-                messages=self.configure_train(server_round, arrays, train_config, grid),
-                timeout=timeout)
-            agg_arrays, agg_metrics = self.aggregate_train(server_round, replies)
-            if agg_arrays is not None:
-                arrays = result.arrays = agg_arrays
-            if agg_metrics is not None:
-                result.train_metrics_clientapp[server_round] = agg_metrics
-            if evaluate_fn is not None:
-                res = evaluate_fn(server_round, arrays)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[server_round] = res
-            if on_round_end is not None:
-                on_round_end(server_round, arrays)
-        result.arrays = arrays
-        return result
+        return run_rounds(self, grid, initial_arrays, num_rounds, timeout,
+                          train_config=train_config, evaluate_fn=evaluate_fn,
+                          start_round=start_round, on_round_end=on_round_end)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs from the strategy (see fedsplit.server.checkpoint)."""
-        return {"cursors": dict(self.cursors), "global_masks": self.global_masks,
+        return {"cursors": dict(self.directory.cursors), "global_masks": self.global_masks,
                 "extras": {name: m.state_dict() for name, m in self.extras.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.cursors = dict(state["cursors"])
+        self.directory.cursors = dict(state["cursors"])
         self.global_masks = state["global_masks"]
         for name, extra in state.get("extras", {}).items():
             if name not in self.extras:
@@ -414,8 +331,7 @@ class SplitFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         layout = self._require_layout()
-        stats = RoundStats(server_round, time.monotonic())
-        self.rounds[server_round] = stats
+        stats = self.book.open(server_round)
         node_ids = self.sample_clients(server_round, grid)
         stats.clients = [str(n) for n in node_ids]
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
@@ -435,11 +351,8 @@ class SplitFedAvg(FedAvg):
             stats.plans[str(n)] = plans[n].to_json()
         on_channel = [n for n in node_ids if plans[n].uses_channel]
         codecs = {str(n): self.client_codecs(server_round, n) for n in on_channel}
-        # Codec seeds (dropout positions, rounding noise) are derived, not random, so runs
-        # repeat exactly; the tokens stay random.
-        seeds = {str(n): int.from_bytes(hashlib.sha256(
-            f"{self.cfg.run.seed}-{server_round}-{self.client_key(n)}".encode()).digest()[:7],
-            "little") for n in node_ids}
+        seeds = {str(n): client_seed(self.cfg.run.seed, server_round, self.client_key(n))
+                 for n in node_ids}
         routes = {str(n): Route(plans[n], self.route(server_round, n, plans[n]))
                   for n in on_channel}
         # Shared server copies train the global model in place: keep where the round
@@ -451,64 +364,24 @@ class SplitFedAvg(FedAvg):
                                           self.round_timeout, codecs=codecs, seeds=seeds,
                                           routes=routes)
         records: dict[ClientPlan, tuple[ArrayRecord, SentSegment]] = {}
-        self._sent = {}
         messages = []
         for node_id in node_ids:
             plan = plans[node_id]
             if plan not in records:
-                records[plan] = self._client_record(plan)
-            arrays_out, self._sent[node_id] = records[plan]
-            record = ConfigRecord(dict(config))
-            record[KEY_ROUND] = server_round
-            record[KEY_RUN_CONFIG] = json.dumps(self.run_config)
-            record[KEY_PLAN] = plan.to_json()
-            record[KEY_OVERRIDES] = json.dumps(self.client_overrides(server_round, node_id))
-            record[KEY_SEED] = seeds[str(node_id)]
-            record[KEY_CURSOR] = self.cursors.get(self.client_key(node_id), 0)
-            if plan.uses_channel:
-                record[KEY_ADDRESS] = self.channel.address
-                record[KEY_TOKEN] = tickets[str(node_id)].token
-                record[KEY_CODECS] = json.dumps(codecs[str(node_id)])
-            for key, value in self.client_config(server_round, node_id).items():
-                record[key] = value
-            content = RecordDict({self.arrayrecord_key: arrays_out,
-                                  self.configrecord_key: record})
-            messages.append(Message(content=content, message_type=MessageType.TRAIN,
-                                    dst_node_id=node_id))
-            stats.sync_bytes_down += array_record_bytes(arrays_out)
+                records[plan] = encode_segment(self.cfg, layout, plan, self.aux_head(plan),
+                                               self.extras, self.global_masks)
+            arrays_out, sent = records[plan]
+            access = (ChannelAccess(self.channel.address, tickets[str(node_id)].token,
+                                    codecs[str(node_id)]) if plan.uses_channel else None)
+            record = train_record(
+                config, server_round=server_round, run_config=self.run_config, plan=plan,
+                overrides=self.client_overrides(server_round, node_id),
+                seed=seeds[str(node_id)], cursor=self.directory.cursor(node_id),
+                channel=access, extra=self.client_config(server_round, node_id))
+            messages.append(self.book.train_message(stats, node_id, arrays_out, sent, record,
+                                                    self.arrayrecord_key,
+                                                    self.configrecord_key))
         return messages
-
-    def _client_update(self, msg: Message) -> SegmentUpdate | None:
-        node = msg.metadata.src_node_id
-        if node not in self._sent:
-            log(WARNING, "aggregate_train: a reply from node %d, which was not sent a train "
-                "message this round; ignored.", node)
-            return None
-        plan, keys = self._sent[node].plan, self._sent[node].keys
-        if len(msg.content.array_records) != 1 or len(msg.content.metric_records) != 1:
-            log(WARNING, "aggregate_train: node %d replied with %d ArrayRecords and %d "
-                "MetricRecords, expected one of each; its update is skipped.", node,
-                len(msg.content.array_records), len(msg.content.metric_records))
-            return None
-        metrics = next(iter(msg.content.metric_records.values()))
-        if KEY_NUM_EXAMPLES not in metrics:
-            log(WARNING, "aggregate_train: node %d's MetricRecord lacks `%s`; its update is "
-                "skipped.", node, KEY_NUM_EXAMPLES)
-            return None
-        try:
-            state, masks = decode_client(next(iter(msg.content.array_records.values())),
-                                         self._sent[node].reference, self._sent[node].base)
-        except (QuantizationError, SyncError) as exc:  # one bad client must not end the round
-            log(WARNING, "aggregate_train: node %d's segment update does not decode (%s); "
-                "its update is skipped.", node, exc)
-            return None
-        if set(state) != set(keys):
-            log(WARNING, "aggregate_train: node %d sent keys %s..., expected those of its plan "
-                "%s; its update is skipped.", node, sorted(set(state) ^ set(keys))[:3], plan)
-            return None
-        return SegmentUpdate(str(node), plan, to_global(state, keys),
-                             float(metrics[KEY_NUM_EXAMPLES]),  # type: ignore[arg-type]
-                             to_global(masks, keys) if masks else None)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -517,32 +390,11 @@ class SplitFedAvg(FedAvg):
         replies = sorted(replies, key=lambda m: self.client_key(m.metadata.src_node_id))
         stats = self.rounds[server_round]
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
-        # A client that crashed replies with an error; one that vanished or missed the
-        # round deadline does not reply at all: both count as failures.
-        stats.failures = len(errors) + max(0, len(stats.clients) - len(replies))
-        for msg in valid:
-            for rec in msg.content.array_records.values():
-                stats.sync_bytes_up += array_record_bytes(rec)
-            for rec in msg.content.metric_records.values():
-                stats.client_cut_bytes_up += int(rec.get("cut-bytes-up", 0))  # type: ignore[arg-type]
-                stats.client_cut_bytes_down += int(rec.get("cut-bytes-down", 0))  # type: ignore[arg-type]
-        updates = [u for u in map(self._client_update, valid) if u is not None]
+        self.book.count_replies(stats, len(replies), valid, len(errors))
+        updates = [u for u in map(self.book.decode, valid) if u is not None]
         client_sums = self.aggregate_client_segments(server_round, updates)
-        stats.clients_metrics = [
-            dict(rec) | {"node": m.metadata.src_node_id,
-                         **({"cut": self._sent[m.metadata.src_node_id].plan.cut,
-                             "mode": self._sent[m.metadata.src_node_id].plan.mode}
-                            if m.metadata.src_node_id in self._sent else {})}
-            for m in valid for rec in m.content.metric_records.values()]
-        stats.traffic = self.channel.close_round()
-        for node, traffic in stats.traffic.items():
-            if traffic.finished:  # a client that dropped out redoes its samples
-                key = self.client_key(int(node))
-                self.cursors[key] = self.cursors.get(key, 0) + traffic.examples
-        full = [u for u in updates if u.plan is not None and not u.plan.uses_channel]
-        for u in full:  # clients that trained alone: their reply says how far they got
-            key = self.client_key(int(u.source))
-            self.cursors[key] = self.cursors.get(key, 0) + int(u.weight)
+        stats.clients_metrics = self.book.client_rows(valid)
+        full = self.book.close(stats, self.channel.close_round(), updates)
         stats.server_metrics = self.channel.trainer.end_round(fold=False)
         stats.examples = stats.server_metrics.get("server_examples", 0.0) + sum(
             u.weight for u in full)

@@ -43,7 +43,7 @@ def test_all_problems_are_reported_at_once_with_key_and_allowed_values():
     assert len(err.value.problems) == 5
     assert "unknown key `train.lrr`" in msg and "train.lr" in msg
     assert "`model.cut`: expected an integer" in msg
-    assert "choose one of sflv1, sflv2" in msg
+    assert "`train.mode` was replaced by `strategy.name`" in msg and "strategy.name=sflv2" in msg
     assert "below the minimum" in msg
     assert "unknown model 'nope'" in msg and "cnn-digits" in msg
 

@@ -7,6 +7,7 @@ import torch
 from clients.lightweight import SegmentCompression
 from fedsplit.config import load_config
 from fedsplit.models import build_model
+from fedsplit.protocol import array_record_bytes
 from fedsplit.pruning import masked_average
 from fedsplit.quantization import expected_update_size
 from fedsplit.split import split_model
@@ -21,7 +22,6 @@ from fedsplit.sync import (
     encode_global,
 )
 from flwr.app import ArrayRecord
-from strategies.splitfed import array_record_bytes
 
 
 def segment_and_cfg(*overrides):

@@ -83,6 +83,7 @@ class SplitChannelClient:
     def _step_frame(self, step: int, hidden: torch.Tensor, side: dict[str, torch.Tensor],
                     labels: torch.Tensor | None, sample_ids: torch.Tensor | None = None,
                     ) -> bytes:
+        side = {k: v.cpu() for k, v in side.items()}  # codecs and the wire work on the CPU
         ids = self._ids_for(self.up, sample_ids)
         ctx = CodecContext(direction="up", step=step, seed=self.seed,
                            attention_mask=side.get("attention_mask"), sample_ids=ids)
@@ -137,7 +138,8 @@ class SplitChannelClient:
         response = self._call(self._step_rpc,
                               self._step_frame(step, hidden, side, labels, sample_ids))
         self.step_index += 1
-        return self._step_reply(step, response, side.get("attention_mask"))
+        mask = side.get("attention_mask")
+        return self._step_reply(step, response, None if mask is None else mask.cpu())
 
     def submit(self, hidden: torch.Tensor, side: dict[str, torch.Tensor],
                labels: torch.Tensor, max_in_flight: int = 4,
@@ -156,6 +158,7 @@ class SplitChannelClient:
         self.step_index += 1
         hidden, side = hidden.detach(), dict(side)
         mask = side.get("attention_mask")
+        mask = None if mask is None else mask.cpu()
 
         def send() -> StepReply:
             frame = self._step_frame(step, hidden, side, labels, sample_ids)
@@ -187,7 +190,8 @@ class SplitChannelClient:
                               self._step_frame(step, hidden, side, None, sample_ids))
         _, out = wire.decode_frame(response, expect=Kind.MIDDLE)
         wire.require(out, "act")
-        self._mask = side.get("attention_mask")
+        mask = side.get("attention_mask")
+        self._mask = None if mask is None else mask.cpu()
         ctx = CodecContext(direction="down", step=step, seed=self.seed, attention_mask=self._mask)
         return down_act.decode(out["act"], ctx)  # (B, ...) the middle's output
 

@@ -11,10 +11,13 @@ generation: gRPC's generic handlers pass bytes through), and the channel counts
 ``len(request)`` and ``len(response)`` of every accepted call per client, per direction,
 per round.
 
-What a client's frames may be depends on its training mode this round (its trainer
-route, ``open_round(routes=...)``): ``split`` STEP -> GRAD; ``local-loss`` STEP -> LOSS
-(no gradient); ``u-shaped`` STEP without labels -> MIDDLE, then BACK -> GRAD (the Back
-method). Anything else, e.g. labels from a u-shaped client, is refused.
+What a client's frames may be, and what the server does with them, is its training
+mode's business (:mod:`fedsplit.modes`; the mode comes from the client's trainer route,
+``open_round(routes=...)``): ``split`` STEP -> GRAD; ``local-loss`` STEP -> LOSS (no
+gradient); ``u-shaped`` STEP without labels -> MIDDLE, then BACK -> GRAD (the Back
+method). This module does what every mode shares: framing, tokens, step order, decoding
+the activations, byte counts. Anything a mode does not allow, e.g. labels from a
+u-shaped client, is refused.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import torch
 from fedsplit.channel import wire
 from fedsplit.channel.wire import Kind, WireError
 from fedsplit.codecs import Codec, CodecContext, CodecError, build_codec
-from fedsplit.server.trainer import BadStepError, Route, ServerTrainer
+from fedsplit.modes import MODES, BadStepError, StepInput
+from fedsplit.server.trainer import Route, ServerTrainer
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +78,12 @@ class _Session:
     traffic: Traffic = field(default_factory=Traffic)
     lock: threading.Lock = field(default_factory=threading.Lock)
     open: bool = True
-    mode: str = "split"  # the client's training mode (fedsplit.split.layout.MODES)
-    # u-shaped: activations also travel down (the middle's output, with the `up` spec) and
-    # gradients up (with the `down` spec), each stream with its own codec instance.
+    mode: str = "split"  # the client's training mode (a name in fedsplit.modes.MODES)
+    # Codecs of the extra streams of modes with a server middle (u-shaped): activations
+    # down (the `up` spec) and gradients up (the `down` spec), one instance each.
     down_act: Codec | None = None
     up_grad: Codec | None = None
-    pending: int | None = None  # u-shaped: the step whose BACK is awaited
+    pending: int | None = None  # the step whose BACK is awaited (modes with a middle)
     pending_mask: torch.Tensor | None = None  # ... and its padding mask (for the codecs)
     peer: str | None = None  # the connection that first used the token
 
@@ -176,8 +180,7 @@ class SplitChannelServer:
                 sess = _Session(client, server_round, seed, expires, build_codec(up),
                                 build_codec(down))
                 sess.mode = self.trainer.route(client).plan.mode
-                if sess.mode == "u-shaped":
-                    sess.down_act, sess.up_grad = build_codec(up), build_codec(down)
+                MODES.get(sess.mode).open_session(sess, build_codec, up, down)
                 self._sessions[token] = sess
                 tickets[client] = Ticket(token, seed)
         return tickets
@@ -242,13 +245,12 @@ class SplitChannelServer:
     def _step(self, request: bytes, peer: str = "") -> bytes:
         _, fields = wire.decode_frame(request, expect=Kind.STEP)
         sess = self._session(fields, peer)
-        if sess.mode == "u-shaped":
-            if "labels" in fields:  # the point of u-shaped training: refuse, do not ignore
-                raise WireError("a u-shaped client must not send labels (they stay on the "
-                                "client); drop the `labels` field")
-            wire.require(fields, "step", "act", "batch")
-        else:
-            wire.require(fields, "step", "act", "labels")
+        mode = MODES.get(sess.mode)
+        if "labels" in fields and not mode.sends_targets:
+            # The point of such a mode: refuse, do not ignore.
+            raise WireError(f"a {sess.mode} client must not send labels (they stay on the "
+                            "client); drop the `labels` field")
+        wire.require(fields, "step", "act", *mode.step_fields())
         with sess.lock:
             if not sess.open:
                 raise _Reject(grpc.StatusCode.UNAUTHENTICATED, "token expired during the call")
@@ -262,12 +264,12 @@ class SplitChannelServer:
                               f"expected step {sess.traffic.steps}"
                               f"{' (its BACK)' if sess.pending is not None else ''}, got "
                               f"STEP {step} (replayed or out-of-order request)")
-            labels = None
-            if sess.mode == "u-shaped":
-                batch = wire.unpack_u64(fields["batch"], "batch")
+            targets = None
+            if mode.sends_targets:
+                targets = wire.unpack_tensor(fields["labels"], "labels")
+                batch = int(targets.shape[0])
             else:
-                labels = wire.unpack_tensor(fields["labels"], "labels")
-                batch = int(labels.shape[0])
+                batch = wire.unpack_u64(fields["batch"], "batch")
             side = {}
             for name, value in fields.items():
                 if name == "side.attention_mask":
@@ -286,71 +288,45 @@ class SplitChannelServer:
             hidden = sess.up.decode(fields["act"], ctx)
             ctx_down = CodecContext(direction="down", step=step, seed=sess.seed,
                                     attention_mask=side.get("attention_mask"))
-            t = sess.traffic
-            if sess.mode == "u-shaped":
-                if hidden.shape[0] != batch:
-                    raise WireError(f"`batch` says {batch} samples, the activations hold "
-                                    f"{hidden.shape[0]}")
-                assert sess.down_act is not None
-                out = self.trainer.forward_middle(sess.client, hidden, side, step)
-                response = wire.encode_frame(Kind.MIDDLE, {"act": sess.down_act.encode(out, ctx_down)})
-                sess.pending = step  # the step counts once its BACK is done
-                sess.pending_mask = side.get("attention_mask")
-            else:
-                assert labels is not None
-                local = sess.mode == "local-loss"
-                result = self.trainer.step(sess.client, hidden, side, labels, step,
-                                           want_grad=not local)
-                stats = wire.pack_f64(result.loss, result.correct)
-                if local:  # the client does not wait for a gradient: none is computed or sent
-                    response = wire.encode_frame(Kind.LOSS, {"stats": stats})
-                else:
-                    assert result.grad is not None
-                    response = wire.encode_frame(Kind.GRAD, {
-                        "grad": sess.down.encode(result.grad, ctx_down), "stats": stats})
-                t.steps += 1
-                t.examples += batch
-                t.loss_sum += result.loss * batch
-                t.correct += result.correct
-            t.bytes_up += len(request)
-            t.bytes_down += len(response)
-            t.server_seconds += time.perf_counter() - started
-            return response
+            served = mode.serve_step(self.trainer, sess,
+                                     StepInput(step, hidden, side, targets, batch, ctx_down))
+            return self._reply(sess, request, served, started)
+
+    def _reply(self, sess: _Session, request: bytes, served: Any, started: float) -> bytes:
+        """Frame a mode's answer and count it (the caller holds ``sess.lock``)."""
+        fields = dict(served.fields)
+        t = sess.traffic
+        if served.examples:
+            t.steps += 1
+            t.examples += served.examples
+        if served.loss is not None:
+            fields["stats"] = wire.pack_f64(served.loss, served.correct)
+            t.loss_sum += served.loss * served.examples
+            t.correct += served.correct
+        response = wire.encode_frame(Kind[served.kind], fields)
+        t.bytes_up += len(request)
+        t.bytes_down += len(response)
+        t.server_seconds += time.perf_counter() - started
+        return response
 
     def _back(self, request: bytes, peer: str = "") -> bytes:
-        """U-shaped, second half of a batch: the gradient of the middle's output comes up,
-        the gradient at the cut goes down."""
+        """Second half of a batch for modes with a server middle: a gradient comes up, the
+        gradient at the cut goes down."""
         _, fields = wire.decode_frame(request, expect=Kind.BACK)
         sess = self._session(fields, peer)
         wire.require(fields, "step", "grad")
         with sess.lock:
             if not sess.open:
                 raise _Reject(grpc.StatusCode.UNAUTHENTICATED, "token expired during the call")
-            if sess.mode != "u-shaped":
-                raise _Reject(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"BACK is for u-shaped clients; this client trains {sess.mode!r}")
             started = time.perf_counter()
             step = wire.unpack_u64(fields["step"], "step")
-            if sess.pending is None or step != sess.pending:
-                raise _Reject(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"no STEP {step} awaits its gradient (replayed or out-of-order "
-                              "request)")
-            assert sess.up_grad is not None
-            mask = sess.pending_mask
-            ctx_up = CodecContext(direction="up", step=step, seed=sess.seed, attention_mask=mask)
-            ctx_down = CodecContext(direction="down", step=step, seed=sess.seed,
-                                    attention_mask=mask)
-            grad_out = sess.up_grad.decode(fields["grad"], ctx_up)
-            grad = self.trainer.backward_middle(sess.client, grad_out, step)
-            response = wire.encode_frame(Kind.GRAD, {"grad": sess.down.encode(grad, ctx_down)})
-            t = sess.traffic
-            sess.pending, sess.pending_mask = None, None
-            t.steps += 1
-            t.examples += int(grad.shape[0])
-            t.bytes_up += len(request)
-            t.bytes_down += len(response)
-            t.server_seconds += time.perf_counter() - started
-            return response
+            try:
+                served = MODES.get(sess.mode).serve_back(self.trainer, sess, step, fields["grad"])
+            except BadStepError as exc:
+                if sess.pending is None or step != sess.pending:
+                    raise _Reject(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+                raise
+            return self._reply(sess, request, served, started)
 
     def _finish(self, request: bytes, peer: str = "") -> bytes:
         _, fields = wire.decode_frame(request, expect=Kind.FINISH)

@@ -33,6 +33,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from fedsplit.bits import ByteReader
+
 MAGIC = b"FSP1"
 _FIELD_HEAD = struct.Struct("<B")
 _SIZE = struct.Struct("<I")
@@ -80,39 +82,29 @@ def encode_frame(kind: Kind, fields: Mapping[str, bytes]) -> bytes:
 
 
 def decode_frame(data: bytes, expect: Kind | None = None) -> tuple[Kind, dict[str, bytes]]:
-    view = memoryview(data)
-    if len(view) < 6 or bytes(view[:4]) != MAGIC:
+    reader = ByteReader(data, error=WireError, prefix="split-channel frame: ")
+    if reader.left < 6 or bytes(reader.buf[:4]) != MAGIC:
         raise WireError("not a fedsplit split-channel frame (bad magic or shorter than 6 bytes)")
+    _, code, count = reader.unpack("<4sBB", "frame header")
     try:
-        kind = Kind(view[4])
+        kind = Kind(code)
     except ValueError:
-        raise WireError(f"unknown frame kind {view[4]}") from None
+        raise WireError(f"unknown frame kind {code}") from None
     if expect is not None and kind != expect:
         raise WireError(f"expected a {expect.name} frame, got {kind.name}")
-    count, pos, fields = view[5], 6, {}
-    for _ in range(count):
-        if pos + 1 > len(view):
-            raise WireError("frame truncated inside a field header")
-        n = view[pos]
-        pos += 1
-        if pos + n + 4 > len(view):
-            raise WireError("frame truncated inside a field name")
+    fields: dict[str, bytes] = {}
+    for index in range(count):
+        (n,) = reader.unpack("<B", f"field {index} name length")
         try:
-            name = bytes(view[pos : pos + n]).decode("ascii")
+            name = bytes(reader.take(n, f"field {index} name")).decode("ascii")
         except UnicodeDecodeError:
             raise WireError("field name is not ASCII") from None
-        pos += n
-        (size,) = _SIZE.unpack_from(view, pos)
-        pos += 4
-        if pos + size > len(view):
-            raise WireError(f"field {name!r} claims {size} bytes but only "
-                            f"{len(view) - pos} remain")
+        (size,) = reader.unpack("<I", f"field {name!r} size")
+        value = bytes(reader.take(size, f"field {name!r}"))
         if name in fields:
             raise WireError(f"field {name!r} appears twice")
-        fields[name] = bytes(view[pos : pos + size])
-        pos += size
-    if pos != len(view):
-        raise WireError(f"{len(view) - pos} trailing bytes after the last field")
+        fields[name] = value
+    reader.done()
     return kind, fields
 
 
@@ -138,20 +130,17 @@ def pack_tensor(t: torch.Tensor) -> bytes:
 
 
 def unpack_tensor(data: bytes, name: str = "tensor") -> torch.Tensor:
-    if len(data) < 2:
-        raise WireError(f"{name}: tensor header truncated")
-    code, ndim = data[0], data[1]
+    reader = ByteReader(data, error=WireError, prefix=f"{name}: ")
+    code, ndim = reader.unpack("<BB", "tensor header")
     if code not in _CODES:
         raise WireError(f"{name}: unknown dtype code {code}")
     if ndim > MAX_DIMS:
         raise WireError(f"{name}: {ndim} dimensions, at most {MAX_DIMS} allowed")
-    if len(data) < 2 + 4 * ndim:
-        raise WireError(f"{name}: tensor shape truncated")
-    shape = struct.unpack_from(f"<{ndim}I", data, 2)
+    shape = reader.unpack(f"<{ndim}I", "tensor shape")
     dtype = _CODES[code]
     itemsize = torch.empty((), dtype=dtype).element_size()
     numel = int(np.prod(shape, dtype=np.int64)) if ndim else 1
-    body = data[2 + 4 * ndim :]
+    body = reader.rest("tensor values")
     if len(body) != numel * itemsize:
         raise WireError(f"{name}: shape {tuple(shape)} of {dtype} needs {numel * itemsize} "
                         f"bytes, got {len(body)}")

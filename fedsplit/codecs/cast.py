@@ -12,13 +12,7 @@ from typing import ClassVar
 import torch
 
 from fedsplit.codecs.base import Codec, CodecContext, CodecError, prepare, register_codec
-from fedsplit.codecs.wire import (
-    FLOAT_FORMATS,
-    Reader,
-    bytes_to_floats,
-    floats_to_bytes,
-    write_header,
-)
+from fedsplit.codecs.wire import Reader, floats_to_bytes, write_header
 
 _DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
 _FP16_MAX = 65504.0
@@ -49,8 +43,7 @@ class _Cast(Codec):
         reader = Reader(data, self.name)
         shape = reader.header(self)
         n = math.prod(shape)
-        values = bytes_to_floats(reader.take(n * FLOAT_FORMATS[self.fmt][1], "values"), n,
-                                 self.fmt)
+        values = reader.floats(n, self.fmt, "values")
         reader.done()
         return values.view(shape)
 

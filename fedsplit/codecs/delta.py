@@ -39,7 +39,7 @@ from fedsplit.codecs.base import (
     require_finite,
 )
 from fedsplit.codecs.samples import SampleUnits, sample_units
-from fedsplit.codecs.wire import Reader, bytes_to_floats, floats_to_bytes, write_header
+from fedsplit.codecs.wire import Reader, floats_to_bytes, write_header
 
 _CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -150,8 +150,7 @@ class Delta(Codec):
         new = self._is_new(units, shape)
         sizes = [torch.Size(units.unit_shape(shape, b)).numel() for b in range(len(new))]
         n_raw = sum(s for s, is_new in zip(sizes, new, strict=True) if is_new)
-        raw = bytes_to_floats(reader.take(4 * n_raw, "raw values of new samples"), n_raw,
-                              "fp32")
+        raw = reader.floats(n_raw, "fp32", "raw values of new samples")
         seen = [b for b in range(len(new)) if not new[b]]
         decoded: dict[int, torch.Tensor] = {}
         offset = 0

@@ -50,6 +50,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from fedsplit.bits import pack_bits
 from fedsplit.codecs.base import (
     Codec,
     CodecContext,
@@ -66,16 +67,7 @@ from fedsplit.codecs.lloyd import Lloyd
 from fedsplit.codecs.quantize import SCALE_DTYPES, as_matrix_shape
 from fedsplit.codecs.rotate import Rotate
 from fedsplit.codecs.sign import row_floats
-from fedsplit.codecs.wire import (
-    FLOAT_FORMATS,
-    Reader,
-    bytes_to_floats,
-    floats_to_bytes,
-    pack_bits,
-    packed_size,
-    unpack_bits,
-    write_header,
-)
+from fedsplit.codecs.wire import Reader, floats_to_bytes, write_header
 
 MAX_BITS = 6
 BASIS_DTYPES = ("int8", "fp16")  # klt-ec adds "adaptive"
@@ -165,20 +157,19 @@ def read_vectors(reader: Reader, k: int, c: int, dtype: str,
                  codec: str = "klt") -> torch.Tensor:
     """The ``(C, k)`` basis vectors written by :func:`vectors_to_bytes`."""
     if dtype == "fp16":
-        return bytes_to_floats(reader.take(2 * k * c, "basis vectors"), k * c,
-                               "fp16").view(k, c).T.contiguous()
+        return reader.floats(k * c, "fp16", "basis vectors").view(k, c).T.contiguous()
     if dtype == "int8":
-        scale = bytes_to_floats(reader.take(2 * k, "basis scales"), k, "fp16")
+        scale = reader.floats(k, "fp16", "basis scales")
         q = np.frombuffer(reader.take(k * c, "basis vectors"), dtype=np.int8)
         return (torch.from_numpy(q.astype(np.float32)).view(k, c).T * scale).contiguous()
     widths = np.frombuffer(reader.take(k, "basis vector widths"), dtype=np.uint8)
     if k and (widths.min() < 2 or widths.max() > 8):
         raise CodecError(f"codec {codec!r}: basis vector widths outside 2..8; the message is "
                          "corrupted.")
-    scale = bytes_to_floats(reader.take(2 * k, "basis scales"), k, "fp16")
+    scale = reader.floats(k, "fp16", "basis scales")
     out = torch.empty(c, k)
     for j, w in enumerate(widths.tolist()):
-        offset = unpack_bits(reader.take(packed_size(c, w), "basis vector"), c, w, codec)
+        offset = reader.bits(c, w, "basis vector")
         out[:, j] = (torch.from_numpy(offset.astype(np.float32)) - (2 ** (w - 1) - 1)) * scale[j]
     return out
 
@@ -376,13 +367,11 @@ class KLT(Codec):
 
     def _decode_codes(self, reader: Reader, shape: tuple[int, ...], rows: int) -> torch.Tensor:
         basis = self._basis
-        size = FLOAT_FORMATS[self.scale_dtype][1]
-        scale = bytes_to_floats(reader.take(rows * size, "row scales"), rows, self.scale_dtype)
+        scale = reader.floats(rows, self.scale_dtype, "row scales")
         z = torch.zeros(rows, basis.sigma.shape[0])
         for b, lo, hi in basis.groups:
             n = rows * (hi - lo)
-            codes = unpack_bits(reader.take(packed_size(n, b), f"{b}-bit indices"), n, b,
-                                self.name)
+            codes = reader.bits(n, b, f"{b}-bit indices")
             levels = _level_tensors(b)[0]
             z[:, lo:hi] = levels[torch.from_numpy(codes.astype(np.int64))].view(rows, hi - lo)
         reader.done()
@@ -392,7 +381,7 @@ class KLT(Codec):
         return (basis.mean + z @ basis.vectors.T).view(shape)
 
     def _read_basis(self, reader: Reader, c: int) -> _Basis:
-        counts = list(struct.unpack(f"<{MAX_BITS}H", reader.take(2 * MAX_BITS, "bit counts")))
+        counts = list(reader.unpack(f"<{MAX_BITS}H", "bit counts"))
         mean, sigma, vectors = self._read_stats_and_vectors(reader, sum(counts), c)
         return _Basis(mean, sigma, vectors, counts)
 
@@ -401,8 +390,8 @@ class KLT(Codec):
         if k > c:
             raise CodecError(f"codec {self.name!r}: basis of {k} components for width {c}; "
                              "the message is corrupted.")
-        mean = bytes_to_floats(reader.take(4 * c, "basis mean"), c, "fp32")
-        sigma = bytes_to_floats(reader.take(4 * k, "component spreads"), k, "fp32")
+        mean = reader.floats(c, "fp32", "basis mean")
+        sigma = reader.floats(k, "fp32", "component spreads")
         vectors = read_vectors(reader, k, c, self.basis_dtype, self.name)
         if not all(bool(torch.isfinite(t).all()) for t in (mean, sigma, vectors)):
             raise CodecError(f"codec {self.name!r}: corrupted basis (non-finite values).")

@@ -56,7 +56,7 @@ from fedsplit.codecs.base import (
 )
 from fedsplit.codecs.klt import BASIS_DTYPES, KLT, vectors_to_bytes
 from fedsplit.codecs.sign import row_floats
-from fedsplit.codecs.wire import FLOAT_FORMATS, Reader, bytes_to_floats, floats_to_bytes
+from fedsplit.codecs.wire import Reader, floats_to_bytes
 
 MODELS = ("gaussian", "laplace")
 RECONSTRUCTIONS = ("centroid", "midpoint")
@@ -325,16 +325,15 @@ class EntropyKLT(KLT):
     # ------------------------------------------------------------------ receiver
 
     def _read_basis(self, reader: Reader, c: int) -> _ECBasis:
-        (k,) = struct.unpack("<H", reader.take(2, "component count"))
+        (k,) = reader.unpack("<H", "component count")
         return _ECBasis(*self._read_stats_and_vectors(reader, k, c))
 
     def _decode_codes(self, reader: Reader, shape: tuple[int, ...], rows: int) -> torch.Tensor:
         basis = self._basis
         assert isinstance(basis, _ECBasis)
         k = basis.sigma.shape[0]
-        size = FLOAT_FORMATS[self.scale_dtype][1]
-        scale = bytes_to_floats(reader.take(rows * size, "row scales"), rows, self.scale_dtype)
-        delta, top_q = struct.unpack("<fH", reader.take(6, "step and index range"))
+        scale = reader.floats(rows, self.scale_dtype, "row scales")
+        delta, top_q = reader.unpack("<fH", "step and index range")
         words = reader.rest()
         if len(words) % 4:
             raise CodecError(f"codec {self.name!r}: {len(words)} bytes of entropy-coded "

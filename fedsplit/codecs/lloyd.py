@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedsplit.bits import pack_bits
 from fedsplit.codecs.base import (
     Codec,
     CodecContext,
@@ -37,16 +38,7 @@ from fedsplit.codecs.base import (
 )
 from fedsplit.codecs.quantize import SCALE_DTYPES, as_matrix_shape
 from fedsplit.codecs.sign import kept_per_row, row_floats, seeded_positions
-from fedsplit.codecs.wire import (
-    FLOAT_FORMATS,
-    Reader,
-    bytes_to_floats,
-    floats_to_bytes,
-    pack_bits,
-    packed_size,
-    unpack_bits,
-    write_header,
-)
+from fedsplit.codecs.wire import Reader, floats_to_bytes, write_header
 
 # MSE-optimal levels for a unit Gaussian (Max 1960, table I), ascending.
 LEVELS: dict[int, tuple[float, ...]] = {
@@ -106,12 +98,10 @@ class Lloyd(Codec):
         shape = reader.header(self)
         rows, cols = as_matrix_shape(shape)
         n_keep = kept_per_row(cols, self.keep)
-        size = FLOAT_FORMATS[self.scale_dtype][1]
-        mean = bytes_to_floats(reader.take(rows * size, "row means"), rows, self.scale_dtype)
-        spread = bytes_to_floats(reader.take(rows * size, "row spreads"), rows, self.scale_dtype)
+        mean = reader.floats(rows, self.scale_dtype, "row means")
+        spread = reader.floats(rows, self.scale_dtype, "row spreads")
         n = rows * n_keep
-        codes = unpack_bits(reader.take(packed_size(n, self.bits), "level indices"), n,
-                            self.bits, self.name)
+        codes = reader.bits(n, self.bits, "level indices")
         reader.done()
         if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(spread).all())
                 and bool((spread >= 0).all())):

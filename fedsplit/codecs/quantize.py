@@ -4,7 +4,8 @@ The tensor is viewed as a matrix ``(rows, C)`` with ``C`` its last dimension. Ea
 (the whole tensor, a column = channel, or a row = token) gets ``lo`` and ``step`` with
 ``lo <= min`` and ``lo + (2**bits - 1) * step >= max``; a value becomes the code
 ``q = floor((x - lo) / step + u)``, ``u ~ U[0, 1)`` from a generator seeded by (seed,
-step, direction), so ``E[lo + q * step] = x`` and ``|error| < step``.
+step, direction), so ``E[lo + q * step] = x`` and ``|error| < step``. The rounding is
+:func:`fedsplit.quantization.stochastic.round_codes`, shared with the model updates.
 
 Byte format: ``header(ndim)`` + ``lo[G]`` + ``step[G]`` (``scale_dtype`` each) +
 ``ceil(N * bits / 8)`` bytes of codes packed MSB first, where ``G`` is 1 (per-tensor),
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
+from fedsplit.bits import pack_bits
 from fedsplit.codecs.base import (
     Codec,
     CodecContext,
@@ -28,16 +29,8 @@ from fedsplit.codecs.base import (
     register_codec,
     require_finite,
 )
-from fedsplit.codecs.wire import (
-    FLOAT_FORMATS,
-    Reader,
-    bytes_to_floats,
-    floats_to_bytes,
-    pack_bits,
-    packed_size,
-    unpack_bits,
-    write_header,
-)
+from fedsplit.codecs.wire import Reader, floats_to_bytes, write_header
+from fedsplit.quantization.stochastic import round_codes, round_to_format
 
 SCALES = ("per-tensor", "per-channel", "per-token")
 SCALE_DTYPES = ("fp16", "fp32")
@@ -53,18 +46,6 @@ def as_matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 def num_groups(shape: tuple[int, ...], scale: str) -> int:
     rows, cols = as_matrix_shape(shape)
     return {"per-tensor": 1, "per-channel": cols, "per-token": rows}[scale]
-
-
-def _round_to(values: torch.Tensor, fmt: str, direction: int) -> torch.Tensor:
-    """Float64 ``values`` rounded to the nearest ``fmt`` value in ``direction`` (-1 down,
-    +1 up), returned as float32 holding exactly that ``fmt`` value."""
-    v = values.double().numpy()
-    np_dtype = np.float16 if fmt == "fp16" else np.float32
-    with np.errstate(over="ignore"):  # overflow to inf is reported by the caller
-        r = v.astype(np_dtype)
-    off = (r.astype(np.float64) > v) if direction < 0 else (r.astype(np.float64) < v)
-    r[off] = np.nextafter(r[off], np_dtype(-np.inf if direction < 0 else np.inf))
-    return torch.from_numpy(r.astype(np.float32))
 
 
 @register_codec
@@ -126,17 +107,14 @@ class Quantize(Codec):
         lo64, hi64 = self._groups(x2)
         # Round lo down and step up to what travels, so [lo, lo + L*step] still covers
         # every value once the decoder uses the rounded numbers.
-        lo = _round_to(lo64, self.scale_dtype, -1)
-        step = _round_to((hi64 - lo.double()) / self.levels, self.scale_dtype, +1)
+        lo = round_to_format(lo64, self.scale_dtype, -1)
+        step = round_to_format((hi64 - lo.double()) / self.levels, self.scale_dtype, +1)
         if not (torch.isfinite(lo).all() and torch.isfinite(step).all()):
             raise CodecError(f"codec 'quantize': value range exceeds {self.scale_dtype} "
                              f"(|x| up to {x.abs().max().item():.4g}); use scale_dtype: "
                              "fp32.")
-        lo_b, step_b = self._expand(lo, rows, cols), self._expand(step, rows, cols)
-        t = torch.where(step_b > 0, (x2 - lo_b) / step_b.clamp_min(1e-45),
-                        torch.zeros(()))  # (rows, C), in [0, L] up to rounding
-        u = torch.rand(x2.shape, generator=ctx.generator("quantize"))
-        q = torch.floor(t + u).clamp_(0, self.levels).to(torch.uint8)
+        q = round_codes(x2, self._expand(lo, rows, cols), self._expand(step, rows, cols),
+                        self.levels, generator=ctx.generator("quantize"))  # (rows, C)
         return b"".join([write_header(self, x.shape), floats_to_bytes(lo, self.scale_dtype),
                          floats_to_bytes(step, self.scale_dtype),
                          pack_bits(q.numpy(), self.bits)])
@@ -146,12 +124,10 @@ class Quantize(Codec):
         shape = reader.header(self)
         rows, cols = as_matrix_shape(shape)
         g = num_groups(shape, self.scale)
-        size = FLOAT_FORMATS[self.scale_dtype][1]
-        lo = bytes_to_floats(reader.take(g * size, "group minima"), g, self.scale_dtype)
-        step = bytes_to_floats(reader.take(g * size, "group steps"), g, self.scale_dtype)
+        lo = reader.floats(g, self.scale_dtype, "group minima")
+        step = reader.floats(g, self.scale_dtype, "group steps")
         n = rows * cols
-        codes = unpack_bits(reader.take(packed_size(n, self.bits), "codes"), n, self.bits,
-                            self.name)
+        codes = reader.bits(n, self.bits, "codes")
         reader.done()
         if not (torch.isfinite(lo).all() and torch.isfinite(step).all()
                 and bool((step >= 0).all())):

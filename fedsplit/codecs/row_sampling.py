@@ -34,7 +34,8 @@ from fedsplit.codecs.base import (
     register_codec,
 )
 from fedsplit.codecs.quantize import as_matrix_shape
-from fedsplit.codecs.wire import Reader, pack_bits, packed_size, unpack_bits, write_header
+from fedsplit.bits import pack_bits
+from fedsplit.codecs.wire import Reader, write_header
 
 
 def inclusion_probabilities(norms: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -91,7 +92,7 @@ class RowSampling(Transform):
     def parse(self, reader: Reader, ctx: CodecContext) -> tuple[tuple[int, ...], torch.Tensor]:
         shape = reader.header(self)
         rows, _ = as_matrix_shape(shape)
-        bits = unpack_bits(reader.take(packed_size(rows, 1), "row mask"), rows, 1, self.name)
+        bits = reader.bits(rows, 1, "row mask")
         return shape, torch.from_numpy(bits.astype(bool))
 
     def merge(self, y: torch.Tensor, info: tuple[tuple[int, ...], torch.Tensor],

@@ -24,6 +24,7 @@ import math
 import numpy as np
 import torch
 
+from fedsplit.bits import pack_bits
 from fedsplit.codecs.base import (
     Codec,
     CodecContext,
@@ -35,16 +36,7 @@ from fedsplit.codecs.base import (
     require_finite,
 )
 from fedsplit.codecs.quantize import SCALE_DTYPES, as_matrix_shape
-from fedsplit.codecs.wire import (
-    FLOAT_FORMATS,
-    Reader,
-    bytes_to_floats,
-    floats_to_bytes,
-    pack_bits,
-    packed_size,
-    unpack_bits,
-    write_header,
-)
+from fedsplit.codecs.wire import Reader, floats_to_bytes, write_header
 
 
 def kept_per_row(c: int, keep: float) -> int:
@@ -118,10 +110,9 @@ class Sign(Codec):
         shape = reader.header(self)
         rows, cols = as_matrix_shape(shape)
         n_keep = kept_per_row(cols, self.keep)
-        size = FLOAT_FORMATS[self.scale_dtype][1]
-        scale = bytes_to_floats(reader.take(rows * size, "row scales"), rows, self.scale_dtype)
+        scale = reader.floats(rows, self.scale_dtype, "row scales")
         n = rows * n_keep
-        bits = unpack_bits(reader.take(packed_size(n, 1), "sign bits"), n, 1, self.name)
+        bits = reader.bits(n, 1, "sign bits")
         reader.done()
         if not (bool(torch.isfinite(scale).all()) and bool((scale >= 0).all())):
             raise CodecError("codec 'sign': corrupted scales (non-finite or negative) in the "

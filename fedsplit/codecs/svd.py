@@ -25,13 +25,7 @@ from fedsplit.codecs.base import (
     require_finite,
 )
 from fedsplit.codecs.quantize import as_matrix_shape
-from fedsplit.codecs.wire import (
-    FLOAT_FORMATS,
-    Reader,
-    bytes_to_floats,
-    floats_to_bytes,
-    write_header,
-)
+from fedsplit.codecs.wire import Reader, floats_to_bytes, write_header
 
 
 @register_codec
@@ -83,11 +77,8 @@ class SVD(Codec):
         shape = reader.header(self)
         rows, cols = as_matrix_shape(shape)
         r = min(self.rank, rows, cols)
-        size = FLOAT_FORMATS[self.factor_dtype][1]
-        a = bytes_to_floats(reader.take(rows * r * size, "left factor"), rows * r,
-                            self.factor_dtype).view(rows, r)
-        bt = bytes_to_floats(reader.take(r * cols * size, "right factor"), r * cols,
-                             self.factor_dtype).view(r, cols)
+        a = reader.floats(rows * r, self.factor_dtype, "left factor").view(rows, r)
+        bt = reader.floats(r * cols, self.factor_dtype, "right factor").view(r, cols)
         reader.done()
         if r == 0:
             return torch.zeros(shape, dtype=torch.float32)

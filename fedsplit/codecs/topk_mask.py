@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
+from fedsplit.bits import pack_bits
 from fedsplit.codecs.base import (
     Codec,
     CodecContext,
@@ -36,16 +36,7 @@ from fedsplit.codecs.base import (
     register_codec,
     require_finite,
 )
-from fedsplit.codecs.wire import (
-    FLOAT_FORMATS,
-    Reader,
-    bytes_to_floats,
-    floats_to_bytes,
-    pack_bits,
-    packed_size,
-    unpack_bits,
-    write_header,
-)
+from fedsplit.codecs.wire import Reader, bytes_to_floats, floats_to_bytes, write_header
 
 
 def topk_count(n: int, k: float) -> int:
@@ -90,7 +81,7 @@ class TopKMask(Codec):
         if k:
             top[torch.topk(flat.abs(), k, sorted=False).indices] = True
         vals = floats_to_bytes(flat[top], self.value_dtype)
-        parts = [write_header(self, x.shape), np.packbits(top.numpy()).tobytes(), vals]
+        parts = [write_header(self, x.shape), pack_bits(top.numpy(), 1), vals]
         if self.bits:
             sent = bytes_to_floats(vals, k, self.value_dtype)  # what the receiver sees
             m = sent.abs().min().item() if k else 0.0
@@ -107,18 +98,16 @@ class TopKMask(Codec):
         shape = reader.header(self)
         n = math.prod(shape)
         k = topk_count(n, self.k)
-        top_np = unpack_bits(reader.take(packed_size(n, 1), "top-k bitmask"), n, 1, self.name)
+        top_np = reader.bits(n, 1, "top-k bitmask")
         top = torch.from_numpy(top_np).to(torch.bool)
         if int(top.sum()) != k:
             raise CodecError(f"codec 'topk-mask': the bitmask marks {int(top.sum())} top-k "
                              f"positions, expected {k} for {n} elements at k={self.k}.")
-        size = FLOAT_FORMATS[self.value_dtype][1]
-        vals = bytes_to_floats(reader.take(k * size, "top-k values"), k, self.value_dtype)
+        vals = reader.floats(k, self.value_dtype, "top-k values")
         out = torch.zeros(n, dtype=torch.float32)
         out[top] = vals
         if self.bits:
-            fields = unpack_bits(reader.take(packed_size(n - k, self.bits + 1), "codes"),
-                                 n - k, self.bits + 1, self.name)
+            fields = reader.bits(n - k, self.bits + 1, "codes")
             f = torch.from_numpy(fields).to(torch.int32)
             code = (f & (2**self.bits - 1)).to(torch.float32)
             sign = 1.0 - 2.0 * (f >> self.bits).to(torch.float32)

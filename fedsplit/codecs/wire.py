@@ -1,4 +1,4 @@
-"""Byte-level building blocks shared by the codecs: header, reader, floats, bit packing.
+"""Byte-level building blocks of the codecs: the common header, its reader, floats.
 
 Every codec message starts with the same header (all integers little-endian)::
 
@@ -12,7 +12,8 @@ so ``header_size(ndim) == 5 + 4 * ndim``. The CRC makes any single corrupted hea
 byte a :class:`CodecError` instead of, say, a silently transposed tensor (a 16-bit CRC
 detects every error burst of up to 16 bits). Payload bytes are not checksummed: the
 transport (gRPC over TCP) already guarantees integrity, and the exact-length check
-catches truncation.
+catches truncation. Bit-packed fields use :func:`fedsplit.bits.pack_bits` (MSB first,
+last byte zero-padded), read back with :meth:`Reader.bits`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fedsplit.bits import ByteReader
 from fedsplit.codecs.base import TAG_NAMES, CodecError
 
 if TYPE_CHECKING:
@@ -37,6 +39,8 @@ _MAX_DIM = 2**32 - 1
 # no numpy dtype; its bit pattern travels as little-endian int16.
 FLOAT_FORMATS: dict[str, tuple[str, int]] = {"fp32": ("<f4", 4), "fp16": ("<f2", 2),
                                              "bf16": ("<i2", 2)}
+_HINT = ("Check that both sides build the codec from the same spec and that the message "
+         "was not cut short or corrupted.")
 
 def header_size(ndim: int) -> int:
     """Bytes of a header describing an ``ndim``-dimensional tensor."""
@@ -53,38 +57,30 @@ def write_header(codec: Codec, shape: Sequence[int]) -> bytes:
     return body + struct.pack("<H", binascii.crc_hqx(body, 0xFFFF))
 
 
-class Reader:
-    """Walks a codec message, turning every short read or bad header into a CodecError."""
+class Reader(ByteReader):
+    """A :class:`~fedsplit.bits.ByteReader` for codec messages: its errors are
+    CodecErrors naming ``codec_name`` (a chain renames it stage by stage), and it reads
+    the common header."""
 
     def __init__(self, data: bytes | bytearray | memoryview, codec_name: str) -> None:
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise CodecError(f"codec {codec_name!r}: decode expects bytes, found "
-                             f"{type(data).__name__}.")
-        self.buf = memoryview(data).cast("B")
-        self.pos = 0
+        super().__init__(data, error=CodecError, prefix=f"codec {codec_name!r}: ",
+                         hint=_HINT)
         self.codec_name = codec_name
 
     @property
-    def left(self) -> int:
-        return len(self.buf) - self.pos
+    def codec_name(self) -> str:
+        return self._codec_name
 
-    def take(self, n: int, what: str) -> memoryview:
-        """The next ``n`` bytes (the message's ``what``); CodecError if fewer are left."""
-        if n < 0 or n > self.left:
-            raise CodecError(
-                f"codec {self.codec_name!r}: message truncated or malformed: expected {n} "
-                f"bytes of {what} at offset {self.pos}, found {self.left} (message is "
-                f"{len(self.buf)} bytes). Check that both sides use the same codec spec "
-                "and that the message was not cut short.")
-        out = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return out
+    @codec_name.setter
+    def codec_name(self, name: str) -> None:
+        self._codec_name = name
+        self.prefix = f"codec {name!r}: "
 
     def header(self, codec: Codec) -> tuple[int, ...]:
         """Read and verify a header written by :func:`write_header`; returns the shape."""
-        tag, params, ndim = struct.unpack("<BBB", self.take(3, "header"))
-        dims = struct.unpack(f"<{ndim}I", self.take(4 * ndim, "header shape"))
-        (crc,) = struct.unpack("<H", self.take(2, "header checksum"))
+        tag, params, ndim = self.unpack("<BBB", "header")
+        dims = self.unpack(f"<{ndim}I", "header shape")
+        (crc,) = self.unpack("<H", "header checksum")
         start = self.pos - header_size(ndim)
         if binascii.crc_hqx(self.buf[start:self.pos - 2], 0xFFFF) != crc:
             raise CodecError(f"codec {self.codec_name!r}: corrupted header at offset {start} "
@@ -102,15 +98,9 @@ class Reader:
                 "build both sides from the same codec spec.")
         return dims
 
-    def rest(self) -> memoryview:
-        return self.take(self.left, "payload")
-
-    def done(self) -> None:
-        """Insist the message is fully consumed: trailing bytes mean a format mismatch."""
-        if self.left:
-            raise CodecError(f"codec {self.codec_name!r}: {self.left} unexpected trailing "
-                             f"bytes after offset {self.pos}; the sender used a different "
-                             "codec spec or the message was corrupted.")
+    def floats(self, n: int, fmt: str, what: str) -> torch.Tensor:
+        """The next ``n`` values in ``fmt`` (fp32, fp16 or bf16) as float32 ``(n,)``."""
+        return bytes_to_floats(self.take(n * FLOAT_FORMATS[fmt][1], what), n, fmt)
 
 
 # --------------------------------------------------------------------------- floats
@@ -135,44 +125,3 @@ def bytes_to_floats(buf: memoryview | bytes, n: int, fmt: str) -> torch.Tensor:
     if fmt == "bf16":
         return torch.from_numpy(arr.astype(np.int16)).view(torch.bfloat16).to(torch.float32)
     return torch.from_numpy(arr.astype(np.float32))
-
-
-# --------------------------------------------------------------------------- bits
-
-
-def packed_size(n: int, width: int) -> int:
-    """Bytes holding ``n`` values of ``width`` bits packed densely (last byte zero-padded)."""
-    return (n * width + 7) // 8
-
-
-def pack_bits(values: np.ndarray, width: int) -> bytes:
-    """Pack unsigned ints ``< 2**width`` (1 <= width <= 8) densely, MSB first.
-
-    Value ``i`` occupies bits ``[i*width, (i+1)*width)`` of the stream; the stream is
-    cut into bytes most-significant bit first (``np.packbits`` order) and the last byte
-    is zero-padded, so the result is ``packed_size(len(values), width)`` bytes.
-    """
-    v = np.ascontiguousarray(values, dtype=np.uint8).reshape(-1)
-    if width == 8:
-        return v.tobytes()
-    bits = np.unpackbits(v[:, None], axis=1)[:, 8 - width:]  # (n, width), MSB first
-    return np.packbits(bits.reshape(-1)).tobytes()
-
-
-def unpack_bits(buf: memoryview | bytes, n: int, width: int, codec_name: str) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: ``n`` uint8 values; padding bits must be zero."""
-    raw = np.frombuffer(buf, dtype=np.uint8)
-    if len(raw) != packed_size(n, width):
-        raise CodecError(f"codec {codec_name!r}: expected {packed_size(n, width)} packed "
-                         f"bytes for {n} {width}-bit values, found {len(raw)}.")
-    if width == 8:
-        return raw.copy()
-    bits = np.unpackbits(raw)
-    if bits[n * width:].any():
-        raise CodecError(f"codec {codec_name!r}: non-zero padding bits after {n} packed "
-                         f"{width}-bit values; the message is corrupted or was written "
-                         "with other settings.")
-    fields = bits[: n * width].reshape(n, width)  # (n, width)
-    padded = np.zeros((n, 8), dtype=np.uint8)
-    padded[:, 8 - width:] = fields
-    return np.packbits(padded, axis=1).reshape(-1)

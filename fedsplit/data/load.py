@@ -7,20 +7,29 @@ Three sources, chosen by ``data.name``:
     [0, 1] and an integer label column; a stratified held-out split of
     ``data.test-fraction``.
 ``files``
-    Local files through the ``datasets`` packaged builders: ``.tsv``/``.csv`` (csv),
-    ``.json``/``.jsonl`` (json) and ``.parquet``. Every file gets a ``data.source-column``
-    holding its parent folder's name (``amazon/books/train.tsv`` -> ``books``), so that
-    domains can be partitioned naturally; several files are concatenated.
+    Local files through the ``datasets`` packaged builders: ``.tsv``/``.csv`` (csv;
+    headerless files take their column names from ``data.column-names``),
+    ``.json``/``.jsonl`` (json) and ``.parquet`` (``Image`` features kept), or a folder
+    of images in one subfolder per class (imagefolder: an image column named
+    ``data.image-column`` and a ``ClassLabel`` label column). Every file gets a
+    ``data.source-column`` holding its parent folder's name (``amazon/books/train.tsv``
+    -> ``books``), so that domains can be partitioned naturally; several files are
+    concatenated.
 ``hub``
     A Hugging Face hub dataset (needs network access).
 
-Labels are checked against ``model.num-labels`` by :func:`check_labels` where that
-number is known.
+A set with the column ``data.image-column`` (or any ``Image`` feature) is an image set
+and needs that column, any other a ``data.text-column``. Labels that are not integers
+are encoded to class ids (:func:`fedsplit.data.labels.encode_labels`); they are checked
+against ``model.num-labels`` by :func:`check_labels` where that number is known.
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
+import lzma
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,10 +37,10 @@ from typing import Any
 import datasets
 import numpy as np
 
+from fedsplit.data.errors import DataError, require_columns
+from fedsplit.data.labels import check_labels, encode_labels
 
-class DataError(ValueError):
-    """A dataset could not be loaded, partitioned or encoded as configured."""
-
+__all__ = ["DataError", "check_labels", "is_image_dataset", "load_splits", "require_columns"]
 
 # Compression suffixes the ``datasets`` builders decompress on the fly.
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".zip"}
@@ -56,13 +65,15 @@ def load_splits(data_cfg: Any, seed: int, *,
     Returns
     -------
     tuple[datasets.Dataset, datasets.Dataset]
-        Train and test sets, each with an integer column named ``data_cfg.label_column``
-        and, for text, a column ``data_cfg.text_column``.
+        Train and test sets, each with an integer (or ``ClassLabel``) column named
+        ``data_cfg.label_column`` and, for images, a column ``data_cfg.image_column``,
+        for text a column ``data_cfg.text_column``.
 
     Raises
     ------
     DataError
-        A file is missing or of an unknown kind, or a required column is absent.
+        A file is missing or of an unknown kind, a required column is absent, or the
+        labels cannot be encoded (missing values, test labels unseen in train).
     """
     if data_cfg.name == "digits":
         train, test = _load_digits(data_cfg, seed)
@@ -73,43 +84,32 @@ def load_splits(data_cfg: Any, seed: int, *,
                             f"found train={list(data_cfg.train)}, test={list(data_cfg.test)}")
         train = _load_files(data_cfg, data_cfg.train, "data.train", cache_dir)
         test = _load_files(data_cfg, data_cfg.test, "data.test", cache_dir)
-        required = [data_cfg.text_column, data_cfg.label_column]
     elif data_cfg.name == "hub":
         train, test = _load_hub(data_cfg, cache_dir)
-        required = [data_cfg.text_column, data_cfg.label_column]
     else:
         raise DataError(f"`data.name`: unknown dataset loader {data_cfg.name!r}; "
                         "choose one of digits, files, hub")
+    if data_cfg.name == "digits":
+        required, fix = [data_cfg.label_column], "set `data.label-column`"
+    elif is_image_dataset(train, data_cfg):
+        required = [data_cfg.image_column, data_cfg.label_column]
+        fix = "set `data.image-column` / `data.label-column` to the right names"
+    else:
+        required = [data_cfg.text_column, data_cfg.label_column]
+        fix = "set `data.text-column` / `data.label-column` to the right names"
     for split, ds in (("train", train), ("test", test)):
-        require_columns(ds, required, f"the {split} set")
+        require_columns(ds, required, f"the {split} set ({_describe(data_cfg, split)})", fix)
+    # Before subsampling: the classes do not depend on `data.max-train-samples`.
+    train, test = encode_labels(train, test, data_cfg.label_column)
     train = _subsample(train, data_cfg.max_train_samples, seed)
     test = _subsample(test, data_cfg.max_test_samples, seed)
     return train, test
 
 
-def check_labels(ds: datasets.Dataset, label_column: str, num_labels: int) -> None:
-    """Check that ``ds[label_column]`` holds integers in ``[0, num_labels)``.
-
-    Raises
-    ------
-    DataError
-        The column is missing, not of an integer type, or has values out of range.
-    """
-    require_columns(ds, [label_column], "the dataset")
-    feature = ds.features[label_column]
-    is_int = isinstance(feature, datasets.ClassLabel) or (
-        isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")))
-    if not is_int:
-        raise DataError(f"label column {label_column!r} must hold integers in "
-                        f"[0, {num_labels}), found type {feature}; map the labels to "
-                        "0..num-labels-1 in the data files (or set `data.label-column`)")
-    values = ds.unique(label_column)
-    bad = sorted(v for v in values if not 0 <= v < num_labels)
-    if bad:
-        raise DataError(f"label column {label_column!r} must hold integers in "
-                        f"[0, {num_labels}) (`model.num-labels`={num_labels}), found "
-                        f"values {bad[:10]}; set `model.num-labels` to the number of "
-                        "classes or fix the labels")
+def is_image_dataset(ds: datasets.Dataset, data_cfg: Any) -> bool:
+    """Whether ``ds`` is an image set: it has ``data.image-column`` or an ``Image`` feature."""
+    return data_cfg.image_column in ds.column_names or any(
+        isinstance(f, datasets.Image) for f in ds.features.values())
 
 
 # --------------------------------------------------------------------------- digits
@@ -160,8 +160,11 @@ def _builder_of(path: Path, key: str) -> tuple[str, dict[str, Any]]:
 
 
 def _load_file(path: Path, data_cfg: Any, key: str, cache_dir: str | None) -> datasets.Dataset:
+    if path.is_dir():
+        return _load_image_folder(path, data_cfg, key, cache_dir)
     builder, csv_opts = _builder_of(path, key)
     kwargs: dict[str, Any] = {}
+    names = list(data_cfg.column_names)
     if builder == "csv":
         kwargs = {
             **csv_opts,
@@ -169,6 +172,13 @@ def _load_file(path: Path, data_cfg: Any, key: str, cache_dir: str | None) -> da
             # Keep texts such as "NA" or "null" as text rather than missing values.
             "keep_default_na": False,
         }
+        if names:
+            _check_headerless(path, names, csv_opts["delimiter"], kwargs["quoting"], key)
+            kwargs["column_names"] = names  # pandas `names=`: the first line is data
+    elif names:
+        raise DataError(f"`data.column-names` names the columns of headerless CSV/TSV files, "
+                        f"but `{key}` has {path} ({builder}), whose columns are named in the "
+                        "file; leave data.column-names empty for such files")
     try:
         ds = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train",
                                    cache_dir=cache_dir, **kwargs)
@@ -178,16 +188,65 @@ def _load_file(path: Path, data_cfg: Any, key: str, cache_dir: str | None) -> da
         raise DataError(f"`{key}`: could not read {path} with the {builder!r} builder: "
                         f"{type(exc).__name__}: {exc}{hint}") from exc
     assert isinstance(ds, datasets.Dataset)
+    if builder == "csv" and names and ds.column_names != names:
+        raise DataError(f"`{key}`: {path} read with `data.column-names`={names} gave the "
+                        f"columns {ds.column_names}; give one name per field of the file")
+    return _with_source(ds, path.parent.name, data_cfg)
+
+
+def _with_source(ds: datasets.Dataset, source: str, data_cfg: Any) -> datasets.Dataset:
     # A file's own source column wins: the user may have labelled domains already.
     if data_cfg.source_column not in ds.column_names:
-        ds = ds.add_column(data_cfg.source_column, [path.parent.name] * len(ds))
+        ds = ds.add_column(data_cfg.source_column, [source] * len(ds))
     return ds
+
+
+def _check_headerless(path: Path, names: list[str], delimiter: str, quoting: int,
+                      key: str) -> None:
+    """The first record of a headerless file must have one field per name, and not be a
+    header. Compressed files are checked after loading (column names) only."""
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(
+        path.suffix.lower(), open if path.suffix.lower() not in _COMPRESSION else None)
+    if opener is None:
+        return
+    with opener(path, "rt", encoding="utf-8", newline="", errors="replace") as f:
+        first = next((row for row in csv.reader(f, delimiter=delimiter, quoting=quoting)
+                      if row), None)
+    if first is None:
+        return
+    if [c.strip() for c in first] == names:
+        raise DataError(f"`{key}`: the first line of {path} is a header ({first}), but "
+                        "`data.column-names` is set, which reads it as data; leave "
+                        "data.column-names empty for files with a header line")
+    if len(first) != len(names):
+        raise DataError(f"`{key}`: {path} has {len(first)} field(s) per line (first line: "
+                        f"{first[:8]}), but `data.column-names` gives {len(names)} name(s) "
+                        f"({names}); give exactly one name per field")
+
+
+def _load_image_folder(path: Path, data_cfg: Any, key: str,
+                       cache_dir: str | None) -> datasets.Dataset:
+    """An image folder with one subfolder per class (the ``imagefolder`` builder)."""
+    try:
+        # data_files, not data_dir: subfolders named train/test are classes here, not splits.
+        ds = datasets.load_dataset("imagefolder", data_files={"train": str(path / "**")},
+                                   split="train", cache_dir=cache_dir, drop_labels=False)
+    except Exception as exc:  # no images, unreadable metadata, ...
+        raise DataError(f"`{key}`: could not read the image folder {path}: "
+                        f"{type(exc).__name__}: {exc}; expected one subfolder per class "
+                        f"holding image files (e.g. {path}/cat/0001.jpg)") from exc
+    assert isinstance(ds, datasets.Dataset)
+    # The builder names its columns `image` and `label`; the config's names win.
+    for own, wanted in (("image", data_cfg.image_column), ("label", data_cfg.label_column)):
+        if own in ds.column_names and own != wanted and wanted not in ds.column_names:
+            ds = ds.rename_column(own, wanted)
+    return _with_source(ds, path.parent.name, data_cfg)
 
 
 def _load_files(data_cfg: Any, paths: Sequence[str], key: str,
                 cache_dir: str | None) -> datasets.Dataset:
     resolved = [_resolve(p) for p in paths]
-    missing = [str(p) for p in resolved if not p.is_file()]
+    missing = [str(p) for p in resolved if not p.exists()]
     if missing:
         raise DataError(f"`{key}`: file(s) not found: {', '.join(missing)}; fix the path(s) "
                         f"in the config or pass e.g. `{key}=[path/to/file.tsv]` (relative "
@@ -236,12 +295,14 @@ def _load_hub(data_cfg: Any, cache_dir: str | None) -> tuple[datasets.Dataset, d
 # --------------------------------------------------------------------------- helpers
 
 
-def require_columns(ds: datasets.Dataset, columns: Sequence[str], what: str) -> None:
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        raise DataError(f"{what} has no column(s) {', '.join(map(repr, missing))}; found "
-                        f"{', '.join(map(repr, ds.column_names))}; set `data.text-column` / "
-                        "`data.label-column` to the right names")
+def _describe(data_cfg: Any, split: str) -> str:
+    """Where a split came from, for messages."""
+    paths = list(data_cfg.train if split == "train" else data_cfg.test)
+    if data_cfg.name == "files" or (data_cfg.name == "hub" and split == "test" and paths):
+        return f"`data.{split}`: {', '.join(map(str, paths))}"
+    if data_cfg.name == "hub":
+        return f"`data.hub-name`: {data_cfg.hub_name}"
+    return "digits"
 
 
 def _subsample(ds: datasets.Dataset, limit: int, seed: int) -> datasets.Dataset:

@@ -14,7 +14,7 @@ import datasets
 import torch
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
-from fedsplit.data.load import DataError, require_columns
+from fedsplit.data.errors import DataError, require_columns
 
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 

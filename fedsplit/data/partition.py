@@ -13,6 +13,10 @@
     One client per distinct value of ``data.partition-by`` (e.g. the Amazon domain in
     the ``source`` column), or ``k`` IID clients per value when the number of clients
     is ``k`` times the number of values (:class:`NaturalIdShardPartitioner`).
+``classes``
+    Pathological label skew (McMahan et al. 2017): each client holds samples of
+    ``data.classes-per-client`` classes of ``data.partition-by``
+    (:class:`ClassShardPartitioner`).
 
 Partitions are pure functions of (train set, number of partitions, seed), so every
 client process computes the same split without coordination.
@@ -89,7 +93,35 @@ class _DirichletPartitioner(DirichletPartitioner):
                 "`data.alpha` (e.g. 0.3 or 1.0) or use fewer clients") from exc
 
 
-class NaturalIdShardPartitioner(Partitioner):
+class _ShardPartitioner(Partitioner):
+    """A partitioner whose partitions are index shards computed once by ``_build``."""
+
+    def __init__(self, partition_by: str, num_partitions: int, seed: int) -> None:
+        super().__init__()
+        if num_partitions <= 0:
+            raise DataError(f"the number of partitions must be positive, found {num_partitions}")
+        self._partition_by = partition_by
+        self._num_partitions = num_partitions
+        self._seed = seed
+        self._shards: list[np.ndarray] | None = None
+
+    @property
+    def num_partitions(self) -> int:
+        """Total number of partitions."""
+        return self._num_partitions
+
+    def load_partition(self, partition_id: int) -> datasets.Dataset:
+        """Load partition ``partition_id`` (0-based)."""
+        _check_partition_id(partition_id, self._num_partitions)
+        self._build()
+        assert self._shards is not None
+        return self.dataset.select(self._shards[partition_id])
+
+    def _build(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class NaturalIdShardPartitioner(_ShardPartitioner):
     """One or several IID clients per distinct value of a column ("natural id").
 
     With ``G`` distinct values (sorted) and ``num_partitions = k * G``, partition ``p``
@@ -108,19 +140,8 @@ class NaturalIdShardPartitioner(Partitioner):
     """
 
     def __init__(self, partition_by: str, num_partitions: int, seed: int) -> None:
-        super().__init__()
-        if num_partitions <= 0:
-            raise DataError(f"the number of partitions must be positive, found {num_partitions}")
-        self._partition_by = partition_by
-        self._num_partitions = num_partitions
-        self._seed = seed
+        super().__init__(partition_by, num_partitions, seed)
         self._ids: list[Any] | None = None
-        self._shards: list[np.ndarray] | None = None
-
-    @property
-    def num_partitions(self) -> int:
-        """Total number of partitions."""
-        return self._num_partitions
 
     @property
     def partition_id_to_natural_id(self) -> dict[int, Any]:
@@ -129,13 +150,6 @@ class NaturalIdShardPartitioner(Partitioner):
         assert self._ids is not None
         k = self._num_partitions // len(self._ids)
         return {p: self._ids[p // k] for p in range(self._num_partitions)}
-
-    def load_partition(self, partition_id: int) -> datasets.Dataset:
-        """Load partition ``partition_id`` (0-based)."""
-        _check_partition_id(partition_id, self._num_partitions)
-        self._build()
-        assert self._shards is not None
-        return self.dataset.select(self._shards[partition_id])
 
     def _build(self) -> None:
         if self._shards is not None:
@@ -165,6 +179,83 @@ class NaturalIdShardPartitioner(Partitioner):
         self._ids, self._shards = ids, shards
 
 
+class ClassShardPartitioner(_ShardPartitioner):
+    """Each client holds the samples of ``classes_per_client`` classes.
+
+    With ``C`` classes (the sorted distinct values of ``partition_by``), a seeded
+    permutation ``order`` of them and ``k = classes_per_client``, client ``i`` holds the
+    classes ``order[(i * k + j) % C]`` for ``j < k``: ``k`` distinct classes, and every
+    class held by as many clients as any other, give or take one. Each class's rows,
+    shuffled with the same seed, are cut into near-equal shards, one per client holding
+    it (in client order), so every row belongs to exactly one client.
+
+    Parameters
+    ----------
+    partition_by : str
+        The label column.
+    num_partitions : int
+        Number of clients; at least ``ceil(C / k)`` so that every class is used.
+    classes_per_client : int
+        Classes per client, at most ``C``.
+    seed : int
+        Seed of the class assignment and of the shuffle inside each class.
+    """
+
+    def __init__(self, partition_by: str, num_partitions: int, classes_per_client: int,
+                 seed: int) -> None:
+        super().__init__(partition_by, num_partitions, seed)
+        if classes_per_client <= 0:
+            raise DataError("`data.classes-per-client` must be positive, found "
+                            f"{classes_per_client}")
+        self._k = classes_per_client
+        self._classes: list[list[Any]] | None = None
+
+    @property
+    def partition_id_to_classes(self) -> dict[int, list[Any]]:
+        """Partition id -> the classes (values of ``partition_by``) it holds."""
+        self._build()
+        assert self._classes is not None
+        return dict(enumerate(self._classes))
+
+    def _build(self) -> None:
+        if self._shards is not None:
+            return
+        _require_column(self.dataset, self._partition_by)
+        values = np.asarray(self.dataset.with_format("arrow")[self._partition_by].to_pylist())
+        classes = sorted(set(values.tolist()))
+        n_classes, k, clients = len(classes), self._k, self._num_partitions
+        if k > n_classes:
+            raise DataError(f"`data.classes-per-client`={k} but {self._partition_by!r} has only "
+                            f"{n_classes} classes; set data.classes-per-client to at most "
+                            f"{n_classes}")
+        if clients * k < n_classes:
+            need = -(-n_classes // k)
+            raise DataError(f"{clients} clients x {k} classes each cover only {clients * k} of "
+                            f"the {n_classes} classes of {self._partition_by!r}, so some "
+                            f"samples would be used by no client; use at least {need} clients "
+                            "or raise `data.classes-per-client`")
+        rng = np.random.default_rng(self._seed)
+        order = rng.permutation(n_classes)
+        slots = [[int(order[(i * k + j) % n_classes]) for j in range(k)] for i in range(clients)]
+        holders: dict[int, list[int]] = {c: [] for c in range(n_classes)}
+        for client, held in enumerate(slots):
+            for c in held:
+                holders[c].append(client)
+        parts: list[list[np.ndarray]] = [[] for _ in range(clients)]
+        for c in range(n_classes):
+            rows = rng.permutation(np.flatnonzero(values == classes[c]))
+            if len(rows) < len(holders[c]):
+                raise DataError(f"class {classes[c]!r} of {self._partition_by!r} has "
+                                f"{len(rows)} sample(s), too few for the {len(holders[c])} "
+                                "clients holding it (every client must get samples of each of "
+                                "its classes); use fewer clients or lower "
+                                "`data.classes-per-client`")
+            for client, shard in zip(holders[c], np.array_split(rows, len(holders[c]))):
+                parts[client].append(shard)
+        self._classes = [[classes[c] for c in sorted(held)] for held in slots]
+        self._shards = [np.sort(np.concatenate(p)) for p in parts]
+
+
 def make_partitioner(data_cfg: Any, num_partitions: int, seed: int, *,
                      min_partition_size: int = MIN_PARTITION_SIZE) -> Partitioner:
     """Build the partitioner named by ``data_cfg.partitioner``.
@@ -175,7 +266,7 @@ def make_partitioner(data_cfg: Any, num_partitions: int, seed: int, *,
     Parameters
     ----------
     data_cfg : DataConfig
-        Uses ``partitioner``, ``alpha`` and ``partition_by``.
+        Uses ``partitioner``, ``alpha``, ``partition_by`` and ``classes_per_client``.
     num_partitions : int
         Number of clients.
     seed : int
@@ -193,8 +284,11 @@ def make_partitioner(data_cfg: Any, num_partitions: int, seed: int, *,
             alpha=float(data_cfg.alpha), min_partition_size=min_partition_size, seed=seed)
     if data_cfg.partitioner == "natural":
         return NaturalIdShardPartitioner(data_cfg.partition_by, num_partitions, seed)
+    if data_cfg.partitioner == "classes":
+        return ClassShardPartitioner(data_cfg.partition_by, num_partitions,
+                                     int(data_cfg.classes_per_client), seed)
     raise DataError(f"`data.partitioner`: unknown partitioner {data_cfg.partitioner!r}; "
-                    "choose one of iid, dirichlet, natural")
+                    "choose one of iid, dirichlet, natural, classes")
 
 
 def load_partition(data_cfg: Any, train: datasets.Dataset, partition_id: int,

@@ -106,13 +106,14 @@ def _measure_cut(config: str | None, overrides: list[str], cut: int, batches: in
     from fedsplit.config import load_config
     from fedsplit.deploy.data import load_device_partition
     from fedsplit.optim import make_optimizer
-    from fedsplit.task import Task, seed_everything
+    from fedsplit.runtime import seed_everything
+    from fedsplit.tasks import build_task
 
     if threads > 0:
         torch.set_num_threads(threads)
     cfg = load_config(config, [*overrides, f"model.cut={cut}"])
     seed_everything(cfg.run.seed)
-    task = Task(cfg)
+    task = build_task(cfg)
     segment = task.split(pretrained=False).client.to(device)
     if data_path:
         rows = load_device_partition(data_path, cfg)

@@ -27,10 +27,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedsplit.deploy.federation import (
+from fedsplit.deploy.federation import Deployment
+from fedsplit.deploy.commands import (
     DEFAULT_SUPERLINK_PORT,
     DEFAULT_SUPERNODE_PORT,
-    Deployment,
     DeployError,
     parse_override,
     shell_join,
@@ -84,7 +84,7 @@ def cmd_superlink(args: argparse.Namespace) -> None:
     dep = Deployment.load(args.dir)
     if args.foreground:
         from fedsplit.deploy import procs
-        from fedsplit.deploy.federation import superlink_command
+        from fedsplit.deploy.commands import superlink_command
 
         cmd = superlink_command(dep.certs, dep.host, dep.port, str(dep.folder / "superlink.db"),
                                 procs.tool("flower-superlink"))

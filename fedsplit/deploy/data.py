@@ -3,7 +3,7 @@
 In simulation every client process recomputes its partition from the whole train set.
 A real device holds only its own share: :func:`prepare_device_data` writes partition
 ``i`` of ``N`` with ``datasets.Dataset.save_to_disk`` to ``OUT/device-<i>/`` (raw rows,
-not tokenized, exactly what :meth:`fedsplit.task.Task.partition` returns in simulation),
+not tokenized, exactly what :meth:`fedsplit.tasks.Task.partition` returns in simulation),
 plus ``OUT/manifest.json``. Copy ``device-<i>`` to device ``i`` and point its SuperNode
 at it with ``--node-config "data-path='...'"``; the ClientApp then loads it with
 :func:`load_device_partition` instead of partitioning.
@@ -57,11 +57,11 @@ def prepare_device_data(cfg: Any, devices: int, out: str | os.PathLike,
     list[DevicePartition]
         Where each partition went and how many examples it holds.
     """
-    from fedsplit.task import Task
+    from fedsplit.tasks import build_task
 
     if devices < 1:
         raise DataError(f"--devices must be at least 1, found {devices}")
-    task = Task(cfg)
+    task = build_task(cfg)
     train, _ = task.datasets()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

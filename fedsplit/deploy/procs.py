@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,3 +167,36 @@ def tail(path: str | os.PathLike, lines: int = 30) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    proc.wait()
+
+
+def lines_until(proc: subprocess.Popen[bytes], deadline: float) -> Iterator[str]:
+    """Lines of ``proc``'s stdout until it exits or ``deadline`` passes."""
+    import selectors
+
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    buffer = ""
+    fd = proc.stdout.fileno()
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+            if proc.poll() is not None:
+                break
+            continue
+        chunk = os.read(fd, 65536).decode(errors="replace")
+        if not chunk:
+            break
+        buffer += chunk
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            yield line + "\n"
+    if buffer:
+        yield buffer

@@ -29,7 +29,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from fedsplit.config import project_root
+from fedsplit.paths import project_root
 from fedsplit.models import MODELS
 
 log = logging.getLogger(__name__)

@@ -27,23 +27,21 @@ Communication::
     state, masks = decode_update(blob, reference=received)
 
 ``len(blob) == expected_update_size(state, bits=4, scheme="per-channel", masks=masks)``.
-The byte format is described in :mod:`fedsplit.quantization.codec` and
-``fedsplit/pruning/README.md``. Malformed bytes raise :class:`UpdateFormatError`.
+The byte format is described in :mod:`fedsplit.quantization.codec` (the encoders; the
+decoders are in :mod:`fedsplit.quantization.decode`) and ``fedsplit/pruning/README.md``.
+Malformed bytes raise :class:`UpdateFormatError`.
 """
 
 from __future__ import annotations
 
-from fedsplit.quantization.bitpack import pack_codes, packed_size, unpack_codes
 from fedsplit.quantization.codec import (
     UpdateHeader,
-    decode_int8_state,
-    decode_update,
     encode_int8_state,
     encode_update,
     expected_int8_state_size,
     expected_update_size,
-    read_header,
 )
+from fedsplit.quantization.decode import decode_int8_state, decode_update, read_header
 from fedsplit.quantization.errors import (
     QuantizationError,
     ReferenceMismatchError,
@@ -90,12 +88,9 @@ __all__ = [
     "freeze_observers",
     "is_qat_key",
     "load_float_state",
-    "pack_codes",
-    "packed_size",
     "prepare_qat",
     "quantize_tensor",
     "read_header",
     "strip_qat_state",
     "to_float",
-    "unpack_codes",
 ]

@@ -9,11 +9,13 @@ give a smaller error). :func:`encode_int8_state` is the 8-bit, round-to-nearest,
 per-channel variant for the global segment the server sends out.
 
 ``len(payload)`` is the exact number of bytes on the wire;
-:func:`expected_update_size` gives the same number from shapes and masks alone.
+:func:`expected_update_size` gives the same number from shapes and masks alone. The
+decoders (``decode_update``, ``decode_int8_state``, ``read_header``) are in
+:mod:`fedsplit.quantization.decode`.
 
 Format (all integers little-endian; layout also in ``fedsplit/pruning/README.md``)::
 
-    header   16 B   magic "FSQU" | version u8 (=1) | flags u8 | bits u8 | scheme u8
+    header   16 B   magic "FSQU" | version u8 (=2) | flags u8 | bits u8 | scheme u8
                     | reference crc32 u32 | entries u32
     entry           name_len u16 | name (utf-8) | dtype u8 | kind u8 | ndim u8
                     | shape ndim x u32 | body
@@ -25,8 +27,11 @@ Format (all integers little-endian; layout also in ``fedsplit/pruning/README.md`
 ``flags``: bit 0 = delta against a reference (``crc32`` identifies it), bit 1 =
 round-to-nearest (global segment). ``scheme``: 0 per-tensor, 1 per-channel (``groups``
 = size of dim 0 for tensors with >= 2 dims, else 1). With ``bits = 32`` a float body is
-the float32 values without ``(lo, scale)``. Codes are packed ``8 // bits`` per byte,
-first code in the low bits; masks bit ``i`` of byte ``i // 8`` is element ``i`` (row-major).
+the float32 values without ``(lo, scale)``. Codes (``bits`` each) and masks (1 bit per
+element, row-major) are packed by :func:`fedsplit.bits.pack_bits`: MSB first, as the
+cut-layer codecs do (code ``i`` in bits ``[i*bits, (i+1)*bits)`` of the stream, mask
+element ``i`` in bit ``7 - i % 8`` of byte ``i // 8``), last byte zero-padded. Version 1
+packed them low bits first; the sizes are the same.
 
 Exact size of one float entry with ``n`` elements, ``k`` of them kept (``k = n`` without
 a mask), ``G`` groups::
@@ -44,28 +49,21 @@ import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 
-from fedsplit.quantization.bitpack import pack_codes, packed_size, unpack_codes
-from fedsplit.quantization.errors import (
-    QuantizationError,
-    ReferenceMismatchError,
-    UpdateFormatError,
-)
+from fedsplit.bits import pack_bits, packed_size
+from fedsplit.quantization.errors import QuantizationError
 from fedsplit.quantization.stochastic import (
     QUANT_BITS,
     check_bits_scheme,
-    dequantize_codes,
     group_index,
     num_groups,
     quantize_values,
 )
 
 MAGIC = b"FSQU"
-VERSION = 1
+VERSION = 2  # 2: codes and masks packed MSB first (1: low bits first)
 HEADER = struct.Struct("<4sBBBBII")  # 16 bytes
 FLAG_DELTA = 1
 FLAG_NEAREST = 2
@@ -228,7 +226,7 @@ def _encode(
         group = group_index(shape, scheme)
         if mask is not None:
             keep = mask.detach().cpu().reshape(-1)
-            parts.append(pack_codes(keep.numpy().astype(np.uint8), 1))
+            parts.append(pack_bits(keep.numpy(), 1))
             flat, group = flat[keep], group[keep]
         if bits == 32:
             parts.append(flat.to(torch.float32).numpy().astype("<f4", copy=False).tobytes())
@@ -237,7 +235,7 @@ def _encode(
             flat, group, num_groups(shape, scheme), bits,
             rounding="nearest" if nearest else "stochastic", generator=generator)
         parts.append(torch.stack([lo, scale], 1).numpy().astype("<f4", copy=False).tobytes())
-        parts.append(pack_codes(codes.numpy(), bits))
+        parts.append(pack_bits(codes.numpy(), bits))
     return b"".join(parts)
 
 
@@ -289,211 +287,3 @@ def encode_int8_state(
     from ``masked_average``) make never-kept elements cost one bit instead of eight."""
     return _encode(state_dict, bits=8, scheme="per-channel", masks=masks, seed=0,
                    reference=None, nearest=True)
-
-
-class _Reader:
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        self.view = memoryview(data).cast("B")
-        self.pos = 0
-
-    def take(self, n: int, what: str) -> memoryview:
-        if n > len(self.view) - self.pos:
-            raise UpdateFormatError(
-                f"Payload truncated: {what} needs {n} bytes at offset {self.pos}, only "
-                f"{len(self.view) - self.pos} remain (total {len(self.view)}). The bytes "
-                "were cut short in transit or are not a complete fedsplit payload."
-            )
-        out = self.view[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def need(self, n: int, what: str) -> None:
-        if n > len(self.view) - self.pos:
-            self.take(n, what)  # raises with the message
-
-    def unpack(self, fmt: str, what: str) -> tuple[Any, ...]:
-        s = struct.Struct(fmt)
-        return s.unpack(self.take(s.size, what))
-
-
-def read_header(data: bytes | bytearray | memoryview) -> UpdateHeader:
-    """Parse and check the 16-byte header of a payload."""
-    reader = _Reader(data)
-    return _read_header(reader)
-
-
-def _read_header(reader: _Reader) -> UpdateHeader:
-    magic, version, flags, bits, scheme, crc, entries = HEADER.unpack(
-        reader.take(HEADER.size, "the header"))
-    if magic != MAGIC:
-        raise UpdateFormatError(f"Not a fedsplit update payload: expected magic {MAGIC!r}, "
-                                f"found {bytes(magic)!r}.")
-    if version != VERSION:
-        raise UpdateFormatError(f"Unsupported payload version {version} (this fedsplit reads "
-                                f"version {VERSION}); run the same fedsplit on both ends.")
-    if flags & ~(FLAG_DELTA | FLAG_NEAREST):
-        raise UpdateFormatError(f"Unknown flag bits {flags:#04x} in the header.")
-    if bits not in UPDATE_BITS:
-        raise UpdateFormatError(f"Header says {bits} bits; expected one of {UPDATE_BITS}.")
-    if scheme not in _SCHEME_NAME:
-        raise UpdateFormatError(f"Header has scheme code {scheme}; expected 0 or 1.")
-    return UpdateHeader(bits, _SCHEME_NAME[scheme], bool(flags & FLAG_DELTA),
-                        bool(flags & FLAG_NEAREST), crc, entries)
-
-
-def _decode(data: bytes | bytearray | memoryview) -> tuple[
-        UpdateHeader, dict[str, torch.Tensor], dict[str, torch.dtype], dict[str, torch.Tensor]]:
-    """Decode to (header, tensors, original dtypes, masks).
-
-    Float entries come back as float64 and are not yet re-based on a reference; integer
-    and bool entries come back as they were sent.
-    """
-    reader = _Reader(data)
-    head = _read_header(reader)
-    values: dict[str, torch.Tensor] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    masks: dict[str, torch.Tensor] = {}
-    for index in range(head.entries):
-        (name_len,) = reader.unpack("<H", f"entry {index} name length")
-        try:
-            name = bytes(reader.take(name_len, f"entry {index} name")).decode("utf-8")
-        except UnicodeDecodeError:
-            raise UpdateFormatError(f"Entry {index} name is not valid UTF-8.") from None
-        if name in values:
-            raise UpdateFormatError(f"Entry {name!r} appears twice.")
-        dtype_code, kind, ndim = reader.unpack("<BBB", f"entry {name!r} type")
-        if dtype_code >= len(_DTYPES):
-            raise UpdateFormatError(f"Entry {name!r}: unknown dtype code {dtype_code}.")
-        dtype = dtypes[name] = _DTYPES[dtype_code]
-        shape = reader.unpack(f"<{ndim}I", f"entry {name!r} shape")
-        if _numel(tuple(max(d, 1) for d in shape)) >= 2**48:
-            # Even with a zero dimension, torch cannot lay out such a tensor.
-            raise UpdateFormatError(f"Entry {name!r}: implausible shape {tuple(shape)}.")
-        n = _numel(shape)
-        if kind == KIND_RAW and not dtype.is_floating_point:
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            raw = reader.take(n * itemsize, f"entry {name!r} values")
-            array = np.frombuffer(raw, dtype=_NUMPY[dtype] if dtype != torch.bool else "u1")
-            if dtype == torch.bool:
-                if np.any(array > 1):
-                    raise UpdateFormatError(f"Entry {name!r}: bool values must be bytes 0 or 1.")
-                array = array.astype(bool)
-            values[name] = torch.from_numpy(array.copy()).reshape(shape)
-            continue
-        if kind not in (KIND_DENSE, KIND_MASKED) or not dtype.is_floating_point:
-            raise UpdateFormatError(f"Entry {name!r}: kind {kind} does not fit dtype {dtype} "
-                                    "(floats are kind 0/1, integers/bools kind 2).")
-        keep = None
-        if kind == KIND_MASKED:
-            keep_np = unpack_codes(reader.take(packed_size(n, 1), f"entry {name!r} mask"), 1, n)
-            keep = torch.from_numpy(keep_np.astype(bool))
-            masks[name] = keep.reshape(shape)
-            k = int(keep.sum())
-        else:
-            k = n
-        groups = num_groups(shape, head.scheme)
-        body = 4 * k if head.bits == 32 else 8 * groups + packed_size(k, head.bits)
-        reader.need(body, f"entry {name!r} values")  # before allocating anything of size n
-        if head.bits == 32:
-            raw = reader.take(4 * k, f"entry {name!r} values")
-            kept_values = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float64))
-        else:
-            params = np.frombuffer(reader.take(8 * groups, f"entry {name!r} scales"), dtype="<f4")
-            params = params.reshape(groups, 2)  # (groups, [lo, scale])
-            if not np.all(np.isfinite(params)) or np.any(params[:, 1] < 0):
-                raise UpdateFormatError(f"Entry {name!r}: scales must be finite and >= 0.")
-            codes = unpack_codes(reader.take(packed_size(k, head.bits), f"entry {name!r} codes"),
-                                 head.bits, k)
-            group = group_index(shape, head.scheme)
-            if keep is not None:
-                group = group[keep]
-            lo = torch.from_numpy(params[:, 0].copy())
-            scale = torch.from_numpy(params[:, 1].copy())
-            kept_values = dequantize_codes(torch.from_numpy(codes), lo, scale, group).double()
-        if keep is None:
-            values[name] = kept_values.reshape(shape)
-        else:
-            full = torch.zeros(n, dtype=torch.float64)
-            full[keep] = kept_values
-            values[name] = full.reshape(shape)
-    if reader.pos != len(reader.view):
-        raise UpdateFormatError(f"{len(reader.view) - reader.pos} unexpected bytes after the "
-                                f"last of {head.entries} entries.")
-    return head, values, dtypes, masks
-
-
-def decode_update(
-    data: bytes | bytearray | memoryview,
-    reference: StateDict | None = None,
-    *,
-    delta_only: bool = False,
-    base: StateDict | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Decode :func:`encode_update` bytes into ``(state_dict, masks)``.
-
-    Parameters
-    ----------
-    data
-        The payload.
-    reference
-        Needed for delta payloads: the same global segment the client encoded against
-        (checked through a crc32 of it). Ignored for non-delta payloads.
-    delta_only
-        For delta payloads: return the decoded difference itself (e.g. for server
-        optimizers working on pseudo-gradients) instead of ``reference + delta``.
-    base
-        For delta payloads: return ``base + delta`` instead of ``reference + delta``
-        (``reference`` is still checked). When the client received a quantized global
-        segment (``reference``), ``base`` is the full-precision one it was quantized
-        from: the server applies the client's change to its own weights, so the
-        downlink's rounding is not written into the global segment every round (where
-        changes smaller than half a rounding step would be lost).
-
-    Returns
-    -------
-    (state_dict, masks)
-        Tensors in their original dtype, on CPU; pruned positions are 0. ``masks`` holds
-        a bool mask for each entry that was sent masked.
-
-    Raises
-    ------
-    UpdateFormatError
-        Malformed bytes.
-    ReferenceMismatchError
-        A delta payload decoded against another reference.
-    QuantizationError
-        A delta payload without ``reference`` (and without ``delta_only``).
-    """
-    head, values, dtypes, masks = _decode(data)
-    float_keys = [k for k, v in values.items() if dtypes[k].is_floating_point]
-    if head.delta and not delta_only:
-        if reference is None:
-            raise QuantizationError("This update is a delta against the global segment; pass "
-                                    "reference=<the global state the client received>, or "
-                                    "delta_only=True to get the difference.")
-        _check_reference(reference, values, float_keys)
-        crc = _reference_crc(reference, float_keys)
-        if crc != head.reference_crc:
-            raise ReferenceMismatchError(
-                f"The update was encoded against a reference with crc32 "
-                f"{head.reference_crc:#010x}, the given one has {crc:#010x}. Pass exactly "
-                "the global state the client received (after any downlink quantization)."
-            )
-        start = reference if base is None else base
-        if base is not None:
-            _check_reference(base, values, float_keys)
-        for key in float_keys:
-            full = start[key].detach().cpu().to(torch.float64) + values[key]
-            values[key] = torch.where(masks[key], full, 0.0) if key in masks else full
-    return {k: v.to(dtypes[k]) for k, v in values.items()}, masks
-
-
-def decode_int8_state(
-    data: bytes | bytearray | memoryview,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Decode :func:`encode_int8_state` bytes into ``(state_dict, masks)``."""
-    head = read_header(data)
-    if head.delta or not head.nearest or head.bits != 8:
-        raise UpdateFormatError("These bytes are a client update, not an int8 global state "
-                                "(decode them with decode_update).")
-    return decode_update(data)

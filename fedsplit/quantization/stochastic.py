@@ -18,6 +18,10 @@ global segment, where each client sees the same rounding anyway.
 ``scheme="per-channel"`` uses one ``(lo, scale)`` per index of dim 0 (rows of a Linear
 weight, filters of a Conv); 0-d and 1-d tensors (biases, norms) always use a single
 group, because one group per element would cost more than the values themselves.
+
+:func:`round_codes` (the rounding) and :func:`round_to_format` (rounding a range outward
+to what travels) are shared with the ``quantize`` cut-layer codec
+(:mod:`fedsplit.codecs.quantize`), which picks its groups and scale format differently.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from fedsplit.quantization.errors import QuantizationError
@@ -94,6 +99,51 @@ def group_index(shape: tuple[int, ...] | torch.Size, scheme: str) -> torch.Tenso
     return torch.arange(numel, dtype=torch.long) // (numel // groups)
 
 
+def round_to_format(values: torch.Tensor, fmt: str, direction: int) -> torch.Tensor:
+    """``values`` rounded to the nearest ``fmt`` (``"fp16"`` or ``"fp32"``) value in
+    ``direction`` (-1 down, +1 up), returned as float32 holding exactly that value.
+
+    Used to widen a quantization range outward to what travels, so the decoder's rounded
+    ``lo`` and ``step`` still cover every value. Values beyond ``fmt``'s range become inf
+    (callers check).
+    """
+    v = values.double().numpy()
+    np_dtype = np.float16 if fmt == "fp16" else np.float32
+    with np.errstate(over="ignore"):  # overflow to inf is reported by the caller
+        r = v.astype(np_dtype)
+    off = (r.astype(np.float64) > v) if direction < 0 else (r.astype(np.float64) < v)
+    r[off] = np.nextafter(r[off], np_dtype(-np.inf if direction < 0 else np.inf))
+    return torch.from_numpy(r.astype(np.float32))
+
+
+def round_codes(
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    step: torch.Tensor,
+    levels: int,
+    *,
+    rounding: Rounding = "stochastic",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Codes ``q`` in ``[0, levels]`` of ``x`` on the grid ``lo + q * step``, uint8.
+
+    The core of both uniform quantizers (this module's model updates and the
+    ``quantize`` cut-layer codec). ``lo`` and ``step`` broadcast against ``x``; the
+    arithmetic and the noise use ``x``'s dtype. ``"stochastic"``: ``q = floor(y + u)``
+    with ``y = (x - lo) / step`` and ``u ~ U[0, 1)`` drawn from ``generator``, one per
+    element of ``y`` in row-major order (unbiased); ``"nearest"``: ``floor(y + 1/2)``.
+    A group with ``step == 0`` gets code 0.
+    """
+    y = torch.where(step > 0, (x - lo) / torch.where(step > 0, step, 1.0), 0.0)
+    if rounding == "stochastic":
+        q = torch.floor(y + torch.rand(y.shape, generator=generator, dtype=y.dtype))
+    elif rounding == "nearest":
+        q = torch.floor(y + 0.5)
+    else:
+        raise QuantizationError(f"rounding must be 'stochastic' or 'nearest', found {rounding!r}.")
+    return q.clamp_(0, levels).to(torch.uint8)
+
+
 def quantize_values(
     values: torch.Tensor,
     group: torch.Tensor,
@@ -121,24 +171,15 @@ def quantize_values(
         hi = hi.fill_(float("-inf")).scatter_reduce(0, group, x, "amax")
         empty = torch.isinf(lo)
         lo[empty], hi[empty] = 0.0, 0.0
-    # Decode uses the float32 lo/scale that travel, so quantize against exactly those.
-    lo32 = lo.float()
-    over = lo32.double() > lo  # rounded above the minimum: step down one ulp so y >= 0
-    lo32[over] = torch.nextafter(lo32[over], torch.full_like(lo32[over], float("-inf")))
+    # Decode uses the float32 lo/scale that travel, so quantize against exactly those:
+    # lo rounded down (so y >= 0), and scale nudged up one ulp where float32 rounding
+    # left lo32 + L * scale32 a hair below the max.
+    lo32 = round_to_format(lo, "fp32", -1)
     scale32 = ((hi - lo32.double()) / levels).float()
-    # float32 rounding can leave lo32 + L * scale32 a hair below the max; nudge up one ulp
     short = lo32.double() + levels * scale32.double() < hi
     scale32[short] = torch.nextafter(scale32[short], torch.full_like(scale32[short], float("inf")))
-    lo_e, scale_e = lo32.double()[group], scale32.double()[group]
-    y = torch.where(scale_e > 0, (x - lo_e) / torch.where(scale_e > 0, scale_e, 1.0), 0.0)
-    if rounding == "stochastic":
-        u = torch.rand(y.shape, generator=generator, dtype=torch.float64)
-        q = torch.floor(y + u)
-    elif rounding == "nearest":
-        q = torch.floor(y + 0.5)
-    else:
-        raise QuantizationError(f"rounding must be 'stochastic' or 'nearest', found {rounding!r}.")
-    codes = q.clamp_(0, levels).to(torch.uint8)
+    codes = round_codes(x, lo32.double()[group], scale32.double()[group], levels,
+                        rounding=rounding, generator=generator)
     return codes, lo32, scale32
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +17,21 @@ from omegaconf import DictConfig, OmegaConf
 from fedsplit.channel import SplitChannelServer
 from fedsplit.metrics import RunWriter
 from fedsplit.models import build_model
+from fedsplit.runtime import (
+    default_num_threads,
+    resolve_device,
+    seed_everything,
+    to_device,
+    torch_threads,
+)
 from fedsplit.server import checkpoint
-from fedsplit.server.trainer import build_trainer
+from fedsplit.server.trainer import ServerTrainer
 from fedsplit.split.layout import client_layout
-from fedsplit.task import Task, evaluate, seed_everything, with_resolved_paths
-from strategies import build_strategy, resolve_strategy
+from fedsplit.tasks import evaluate, prepare_run
+
+# ``build_strategy(channel, cfg)``: the composition root (fedsplit.server_app) passes the
+# strategy factory, so this library module imports no app.
+StrategyFactory = Callable[[SplitChannelServer, DictConfig], Any]
 
 log = logging.getLogger("fedsplit")
 
@@ -40,40 +48,12 @@ def channel_credentials(channel_cfg: Any) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)])
 
 
-def default_num_threads() -> int:
-    """The intra-op thread count torch starts a fresh process with on this machine.
-
-    ``MKL_NUM_THREADS``, else ``OMP_NUM_THREADS``, else the physical cores (torch's own
-    rule). ``torch.get_num_threads()`` cannot tell it: it says what this *process* was
-    last set to, by anyone.
-    """
-    for var in ("MKL_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(var, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    cores = set()
-    for topology in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
-        try:
-            cores.add(((topology / "physical_package_id").read_text().strip(),
-                       (topology / "core_id").read_text().strip()))
-        except OSError:
-            continue
-    return len(cores) or os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def torch_threads(num_threads: int) -> Iterator[None]:
-    """Run the body with ``num_threads`` intra-op threads, then restore the caller's count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
+def serve(grid: Grid, cfg: DictConfig, build_strategy: StrategyFactory) -> RunWriter:
     """Run ``cfg.train.rounds`` rounds of split federated learning over ``grid``.
+
+    ``build_strategy(channel, cfg)`` returns the run's strategy (a ``SplitFedAvg``);
+    :mod:`fedsplit.server_app` passes :func:`strategies.build_strategy` for the strategy
+    ``strategy.name`` names.
 
     The server's thread count is set for the run (``run.num-threads``, else
     :func:`default_num_threads`), never inherited: CPU matmuls and reductions round
@@ -82,34 +62,38 @@ def serve(grid: Grid, cfg: DictConfig) -> RunWriter:
     set one thread) would not repeat a fresh process's run, or its resume, bit for bit.
     """
     with torch_threads(cfg.run.num_threads or default_num_threads()):
-        return _serve(grid, cfg)
+        return _serve(grid, cfg, build_strategy)
 
 
-def _serve(grid: Grid, cfg: DictConfig) -> RunWriter:
-    cfg = with_resolved_paths(cfg)
+def _serve(grid: Grid, cfg: DictConfig, build_strategy: StrategyFactory) -> RunWriter:
+    cfg, task, train_set, test_set = prepare_run(cfg)
     seed_everything(cfg.run.seed)
-    strategy_name = cfg.strategy.name or cfg.train.mode
-    resolve_strategy(strategy_name)  # config validation checked it; fail before any work
-    task = Task(cfg)
+    device = resolve_device(cfg.run.device)
     # The global model, and the modules each side trains for any cut and mode.
     layout = client_layout(build_model(cfg.model, pretrained=True), cfg)
+    layout.root.to(device)
     split = layout.split(cfg.model.cut)
-    _, test_set = task.datasets()
     encoded_test = task.encode(test_set)
     test_loader = task.loader(encoded_test, cfg.eval.batch_size, shuffle=False)
-    trainer = build_trainer(cfg.train.mode, split.server, cfg.train, cfg.model.num_labels,
-                            layout=layout)
+    trainer = ServerTrainer(split.server, cfg.train, task.objective, layout=layout)
     # One real batch of the training batch size: the strategy's probe (aux-head sizes,
     # frame bytes), and, at every cut, what the channel should expect activations to look like.
-    sample_batch = next(iter(task.loader(encoded_test, cfg.train.batch_size, shuffle=False)))
+    sample_batch = to_device(
+        next(iter(task.loader(encoded_test, cfg.train.batch_size, shuffle=False))), device)
+    # The probes run the global model in training mode (as a client will; its dropout
+    # draws are part of the run's random stream) but must not change it: BatchNorm
+    # statistics and counters are put back.
+    untouched = {k: v.clone() for k, v in layout.root.state_dict().items()}
     with torch.no_grad():
         for cut in layout.cuts:
             probe = layout.split(cut).client({k: v[:2] for k, v in sample_batch.items()})
             trainer.expect_like(probe.hidden, variable_length="attention_mask" in probe.side,
                                 cut=cut)
+        layout.root.load_state_dict(untouched)
     writer = RunWriter(cfg, resume=cfg.run.resume)
     log.info("fedsplit run directory: %s", writer.dir)
-    initial = ArrayRecord(split.client.state_dict())
+    writer.write_classes(train_set, cfg.data.label_column)
+    initial = ArrayRecord({k: v.cpu() for k, v in split.client.state_dict().items()})
     start_round, saved = 1, None
     if cfg.run.resume:
         saved = checkpoint.load(writer.dir)
@@ -129,7 +113,7 @@ def _serve(grid: Grid, cfg: DictConfig) -> RunWriter:
     codec_down = OmegaConf.to_container(cfg.codec, resolve=True)["down"]
     with SplitChannelServer(trainer, cfg.channel, codec_up, codec_down,
                             credentials=channel_credentials(cfg.channel)) as channel:
-        strategy = build_strategy(strategy_name, cfg.strategy.options, channel, cfg)
+        strategy = build_strategy(channel, cfg)
         strategy.setup(layout, sample_batch)
         if saved is not None:
             strategy.load_state_dict(saved["strategy"])
@@ -153,7 +137,7 @@ def _serve(grid: Grid, cfg: DictConfig) -> RunWriter:
                 split.client.load_state_dict(arrays.to_torch_state_dict())
                 row.update(strategy.evaluate_round(server_round, split, test_loader))
                 if cfg.eval.through_codec:  # split inference: activations cross codec.up
-                    inferred = evaluate(split, test_loader, up_codec=codec_up,
+                    inferred = evaluate(split, test_loader, task.objective, up_codec=codec_up,
                                         seed=cfg.run.seed)
                     row.update({"codec_accuracy": inferred["accuracy"],
                                 "codec_loss": inferred["loss"],

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedsplit.pruning.aggregate import MaskedSums
 from fedsplit.split.layout import ClientPlan
 
 StateDict = Mapping[str, torch.Tensor]
@@ -56,115 +57,16 @@ class SegmentUpdate:
     masks: dict[str, torch.Tensor] | None = None
 
 
-class LayerSums:
+class LayerSums(MaskedSums):
     """Running per-key (element-wise, with masks) weighted sums of copies of global tensors.
 
     Add copies with :meth:`add`, combine the client side's and the server side's sums with
-    ``+``, and read the new global state with :meth:`result`.
+    ``+``, and read the new global state with :meth:`result`. The arithmetic is
+    :class:`fedsplit.pruning.aggregate.MaskedSums` (the mask-aware FedAvg's); errors are
+    :class:`LayerwiseError`.
     """
 
-    def __init__(self) -> None:
-        self._num: dict[str, torch.Tensor] = {}
-        self._den: dict[str, torch.Tensor | float] = {}
-        self._other: dict[str, torch.Tensor] = {}
-        self._masked: set[str] = set()
-        self.copies: dict[str, int] = {}  # copies added per key
-
-    def add(self, state: StateDict, weight: float,
-            masks: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Add one copy (``state`` in global keys) with ``weight`` examples."""
-        weight = float(weight)
-        if weight == 0.0:
-            return  # trained nothing: contributes nothing
-        if not 0.0 < weight < float("inf"):
-            raise LayerwiseError(f"copy weight must be a finite number >= 0 (its examples), "
-                                 f"found {weight!r}")
-        for key, value in state.items():
-            value = value.detach().cpu()
-            self.copies[key] = self.copies.get(key, 0) + 1
-            if not value.is_floating_point():
-                self._other[key] = value.clone()
-                continue
-            mask = (masks or {}).get(key)
-            x = value.to(torch.float64)
-            if key in self._num and self._num[key].shape != x.shape:
-                raise LayerwiseError(f"copies of {key!r} disagree in shape: "
-                                     f"{tuple(self._num[key].shape)} vs {tuple(x.shape)}")
-            if mask is not None:
-                if mask.shape != x.shape or mask.dtype != torch.bool:
-                    raise LayerwiseError(f"mask of {key!r} must be bool of shape "
-                                         f"{tuple(x.shape)}, found {mask.dtype} "
-                                         f"{tuple(mask.shape)}")
-                kept = mask.cpu()
-                # where() rather than x * kept: a pruned element may hold inf/nan garbage
-                num = weight * torch.where(kept, x, 0.0)
-                den: torch.Tensor | float = weight * kept.to(torch.float64)
-                self._masked.add(key)
-            else:
-                num, den = weight * x, weight
-            if key in self._num:
-                self._num[key] += num
-                self._den[key] = self._den[key] + den
-            else:
-                self._num[key], self._den[key] = num, den
-
-    def __add__(self, other: LayerSums) -> LayerSums:
-        out = LayerSums()
-        for part in (self, other):
-            for key, num in part._num.items():
-                if key in out._num:
-                    if out._num[key].shape != num.shape:
-                        raise LayerwiseError(f"copies of {key!r} disagree in shape: "
-                                             f"{tuple(out._num[key].shape)} vs {tuple(num.shape)}")
-                    out._num[key] = out._num[key] + num
-                    out._den[key] = out._den[key] + part._den[key]
-                else:
-                    out._num[key], out._den[key] = num.clone(), part._den[key]
-            out._other.update(part._other)
-            out._masked |= part._masked
-            for key, n in part.copies.items():
-                out.copies[key] = out.copies.get(key, 0) + n
-        return out
-
-    def keys(self) -> set[str]:
-        return set(self._num) | set(self._other)
-
-    def weight(self, key: str) -> float:
-        """Total weight of ``key`` (the largest element's, for masked keys)."""
-        den = self._den.get(key, 0.0)
-        return float(den.max()) if isinstance(den, torch.Tensor) else float(den)
-
-    def result(self, current: StateDict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The new global state (every key of ``current``) and the masks of masked keys.
-
-        Keys no copy holds keep ``current``'s value; masks are ``True`` where some copy
-        kept the element.
-        """
-        unknown = self.keys() - set(current)
-        if unknown:
-            raise LayerwiseError(f"copies hold keys the global model does not have: "
-                                 f"{sorted(unknown)[:5]}")
-        out: dict[str, torch.Tensor] = {}
-        masks: dict[str, torch.Tensor] = {}
-        for key, ref in current.items():
-            if key in self._other:
-                out[key] = self._other[key].to(ref.dtype)
-            elif key in self._num:
-                num, den = self._num[key], self._den[key]
-                if isinstance(den, torch.Tensor):
-                    kept = den > 0
-                    avg = torch.where(kept, num / torch.where(kept, den, 1.0), 0.0)
-                else:
-                    kept, avg = None, num / den
-                if tuple(avg.shape) != tuple(ref.shape):
-                    raise LayerwiseError(f"{key!r}: copies have shape {tuple(avg.shape)}, the "
-                                         f"global model {tuple(ref.shape)}")
-                out[key] = avg.to(ref.dtype)
-                if key in self._masked:
-                    masks[key] = kept if kept is not None else torch.ones_like(ref, dtype=torch.bool)
-            else:
-                out[key] = ref.detach().clone()
-        return out, masks
+    error = LayerwiseError
 
 
 def to_global(state: StateDict, key_map: Mapping[str, str]) -> dict[str, torch.Tensor]:

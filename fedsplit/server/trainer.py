@@ -1,8 +1,9 @@
 """Server-side training: the server's copies of the model's layers, routed per client.
 
 The split channel calls the trainer once per client batch with the decoded activations
-(:meth:`ServerTrainer.step`; u-shaped clients: :meth:`~ServerTrainer.forward_middle`
-then :meth:`~ServerTrainer.backward_middle`) and sends back what it returns.
+through the client's training mode (:mod:`fedsplit.modes`: plain split and local-loss
+call :meth:`ServerTrainer.step`; u-shaped runs its middle on :meth:`ServerTrainer.copy_for`)
+and sends back what it returns.
 
 What the server trains for a client comes from the client's :class:`Route`: its
 :class:`~fedsplit.split.layout.ClientPlan` (cut, training mode; the module is built by
@@ -32,27 +33,21 @@ from __future__ import annotations
 
 import copy
 import threading
-from abc import ABC
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
+from fedsplit.modes import BadStepError
 from fedsplit.optim import make_optimizer, run_progress, set_lr
-from fedsplit.registry import Registry
+from fedsplit.runtime import module_device
 from fedsplit.server.layerwise import LayerSums, to_global
 from fedsplit.split import SplitModel
-from fedsplit.split import loss_fn as default_loss
 from fedsplit.split.layout import ClientPlan, LayoutError, ModelLayout
+from fedsplit.tasks.base import Objective, TargetError
 
 SEGMENTS = ("replica", "shared")
-
-
-class BadStepError(ValueError):
-    """A client's batch cannot be trained on (shape, dtype, NaN/Inf, labels out of range,
-    or a request its route does not allow)."""
 
 
 @dataclass(frozen=True)
@@ -94,27 +89,11 @@ class _Copy:
     examples: int = 0  # shared copies: examples trained through it this round
 
 
-@dataclass
-class _Pending:
-    """A u-shaped client's forward, waiting for the gradient of its output."""
-
-    step: int
-    copy: _Copy
-    shape: tuple[int, ...]  # of the output, which the gradient must match
-    hidden: torch.Tensor  # replica: the leaf at the cut; shared: the input, re-run later
-    side: dict[str, torch.Tensor]
-    output: torch.Tensor | None  # replica: the graph's output; shared: None
-    rng: torch.Tensor | None  # shared: the RNG state of the forward, for the re-run
-
-
 class _NoClient(nn.Module):
     """Stands in for the client segment of a trainer built from a server segment alone."""
 
 
-TRAINERS: Registry[type[ServerTrainer]] = Registry("server trainer")
-
-
-class ServerTrainer(ABC):
+class ServerTrainer:
     """Trains the server's copies of the model on activations from many clients.
 
     Parameters
@@ -122,18 +101,23 @@ class ServerTrainer(ABC):
     segment
         The global server segment; alone (``layout=None``) it is all the trainer knows,
         so every client must use the ``split`` or ``local-loss`` mode at its cut.
-    train_cfg, num_labels, loss
-        Optimizer settings (``cfg.train``), number of classes, loss function.
+    train_cfg, objective
+        Optimizer settings (``cfg.train``); the task's objective (targets, loss, score).
     layout
         The global model's layout: routes may then use any cut and mode it allows, and
         ``segment`` defaults to its server segment at ``layout.default_cut``.
+    default_segments
+        Where clients without a route this round go: ``"replica"`` (SFLV1) or
+        ``"shared"`` (SFLV2). Strategies route every client they sample.
     """
 
-    default_segments: ClassVar[str] = "replica"
-
-    def __init__(self, segment: nn.Module | None, train_cfg: Any, num_labels: int,
-                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = default_loss,
-                 *, layout: ModelLayout | None = None) -> None:
+    def __init__(self, segment: nn.Module | None, train_cfg: Any, objective: Objective,
+                 *, layout: ModelLayout | None = None,
+                 default_segments: str = "replica") -> None:
+        if default_segments not in SEGMENTS:
+            raise LayoutError(f"default_segments {default_segments!r}: choose one of "
+                              f"{', '.join(SEGMENTS)}")
+        self.default_segments = default_segments
         if layout is None:
             if segment is None:
                 raise ValueError("ServerTrainer needs the server segment or a ModelLayout")
@@ -141,8 +125,7 @@ class ServerTrainer(ABC):
         self.layout = layout
         self.segment = segment if segment is not None else layout.split(layout.default_cut).server
         self.train_cfg = train_cfg
-        self.num_labels = num_labels
-        self.loss = loss
+        self.objective = objective
         self.server_round = 0
         self._lock = threading.Lock()
         self._shared_lock = threading.Lock()
@@ -153,7 +136,9 @@ class ServerTrainer(ABC):
         if self.default_segments == "shared":
             self._shared_optimizer = make_optimizer(self.layout.root.parameters(), train_cfg)
         self._keys: dict[ClientPlan, dict[str, str]] = {}
-        self._pending: dict[str, _Pending] = {}
+        # Per-client state a mode keeps between two requests of one batch (u-shaped: the
+        # forward awaiting its gradient); cleared when the client finishes or drops out.
+        self.pending: dict[str, Any] = {}
         self._expected: dict[int, tuple[tuple[int, ...], bool]] = {}
         self._reset_round()
 
@@ -168,7 +153,7 @@ class ServerTrainer(ABC):
     def _reset_round(self) -> None:
         self._routes.clear()
         self._replicas.clear()
-        self._pending.clear()
+        self.pending.clear()
         self._sums = LayerSums()  # finished replicas
         for shared in self._shared.values():
             shared.examples = 0
@@ -222,7 +207,9 @@ class ServerTrainer(ABC):
             self._keys[plan] = self.layout.key_map(module)
         return self._keys[plan]
 
-    def _copy(self, client: str) -> _Copy:
+    def copy_for(self, client: str) -> _Copy:
+        """The copy of the server module that trains ``client``'s batches (created on
+        its first batch for replica routes)."""
         route = self.route(client)
         with self._lock:
             if route.segments == "shared":
@@ -257,82 +244,24 @@ class ServerTrainer(ABC):
 
     # ---------------------------------------------------------------- steps
     def step(self, client: str, hidden: torch.Tensor, side: dict[str, torch.Tensor],
-             labels: torch.Tensor, step: int = 0, *, want_grad: bool = True) -> StepResult:
-        """Train on one batch; ``step`` is the client's batch index in this round.
-
-        ``want_grad=False`` (local-loss clients) skips the gradient at the cut.
-        """
+             targets: torch.Tensor, step: int = 0, *, want_grad: bool = True) -> StepResult:
+        """Train on one batch whose targets came with it; ``step`` is the client's batch
+        index in this round. ``want_grad=False`` (local-loss clients) skips the gradient
+        at the cut."""
         plan = self.route(client).plan
-        self.check_batch(hidden, side, labels, plan.cut)
-        mode = plan.mode
-        if mode not in ("split", "local-loss"):
-            raise BadStepError(f"client {client} trains in mode {mode!r}, which sends no labelled "
-                               "step")
-        c = self._copy(client)
+        if not plan.kind.sends_targets:
+            raise BadStepError(f"client {client} trains in mode {plan.mode!r}, which sends no "
+                               "targets")
+        self.check_batch(hidden, side, targets, plan.cut)
+        c = self.copy_for(client)
         with c.lock:
-            return self._train_step(c, hidden, side, labels, step, want_grad)
-
-    def forward_middle(self, client: str, hidden: torch.Tensor, side: dict[str, torch.Tensor],
-                       step: int = 0) -> torch.Tensor:
-        """U-shaped, first half: the middle layers' output for the client's activations."""
-        plan = self.route(client).plan
-        self.check_activations(hidden, side, plan.cut)
-        if plan.mode != "u-shaped":
-            raise BadStepError(f"client {client} is not a u-shaped client this round")
-        c = self._copy(client)
-        shared = self.route(client).segments == "shared"
-        with c.lock:
-            c.module.train()
-            rng = torch.get_rng_state() if shared else None
-            h = hidden.detach() if shared else hidden.detach().requires_grad_(True)  # (B, ...)
-            try:
-                with torch.set_grad_enabled(not shared):
-                    out = c.module(h, side)  # (B, ...) the middle's output
-            except (RuntimeError, ValueError, IndexError) as exc:
-                raise BadStepError(f"server segment cannot process activations of shape "
-                                   f"{tuple(hidden.shape)}: {exc}") from None
-        # The shared copy may change before the gradient comes back (other clients): keep
-        # only the input and the RNG state, and re-run the forward then (no lock held
-        # between the two calls, so a client that never returns blocks no one).
-        self._pending[client] = _Pending(step, c, tuple(out.shape), h, dict(side),
-                                         None if shared else out, rng)
-        return out.detach()
-
-    def backward_middle(self, client: str, grad_output: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """U-shaped, second half: backprop the gradient of the middle's output, update the
-        middle layers, return the gradient at the cut."""
-        pending = self._pending.get(client)
-        if pending is None or pending.step != step:
-            raise BadStepError(f"client {client}: no forward of step {step} awaits its gradient")
-        if tuple(grad_output.shape) != pending.shape or not grad_output.is_floating_point():
-            raise BadStepError(f"gradient must be floating point of the middle output's shape "
-                               f"{pending.shape}, got {tuple(grad_output.shape)} "
-                               f"{grad_output.dtype}")
-        if not torch.isfinite(grad_output).all():
-            raise BadStepError("gradient contains NaN or Inf")
-        del self._pending[client]  # checked: from here on the step happens
-        c = pending.copy
-        with c.lock:
-            set_lr(c.optimizer, self.train_cfg, run_progress(self.train_cfg, self.server_round, step))
-            out, h = pending.output, pending.hidden
-            if out is None:  # shared: re-run the forward with the same dropout
-                h = h.requires_grad_(True)
-                with torch.random.fork_rng(devices=[]):
-                    assert pending.rng is not None
-                    torch.set_rng_state(pending.rng)
-                    out = c.module(h, pending.side)
-            c.optimizer.zero_grad(set_to_none=True)
-            out.backward(grad_output.to(out.dtype))
-            c.optimizer.step()
-            c.examples += int(grad_output.shape[0])
-        assert h.grad is not None
-        return h.grad
+            return self._train_step(c, hidden, side, targets, step, want_grad)
 
     def finish(self, client: str, num_examples: int) -> None:
         """The client completed its local training for this round."""
         route = self.route(client)
         with self._lock:
-            self._pending.pop(client, None)
+            self.pending.pop(client, None)
             self._examples += num_examples
             if route.segments == "shared":
                 return  # its batches are counted in the shared copy as they train
@@ -348,7 +277,7 @@ class ServerTrainer(ABC):
     def discard(self, client: str) -> None:
         """The client dropped out: forget what can be forgotten (see module doc)."""
         with self._lock:
-            self._pending.pop(client, None)
+            self.pending.pop(client, None)
             if self._replicas.pop(client, None) is not None:
                 self.dropped += 1
 
@@ -361,7 +290,7 @@ class ServerTrainer(ABC):
         with self._lock, self._shared_lock:
             dropped = self.dropped + len(self._replicas)
             self._replicas.clear()
-            self._pending.clear()
+            self.pending.clear()
             sums = self._sums
             # The shared copies hold every batch they trained, also those of clients that
             # dropped out later (SFLV2's policy): each layer weighs the examples through it.
@@ -414,18 +343,15 @@ class ServerTrainer(ABC):
                                    f"activations have {hidden.shape[0]}")
 
     def check_batch(self, hidden: torch.Tensor, side: dict[str, torch.Tensor],
-                    labels: torch.Tensor, cut: int | None = None) -> None:
+                    targets: torch.Tensor, cut: int | None = None) -> None:
         if not hidden.is_floating_point():
             raise BadStepError(f"activations must be floating point, got {hidden.dtype}")
         if hidden.dim() < 2 or hidden.shape[0] == 0:
             raise BadStepError(f"activations must be (B, ...) with B > 0, got {tuple(hidden.shape)}")
-        if labels.dim() != 1 or labels.shape[0] != hidden.shape[0]:
-            raise BadStepError(f"labels must be (B,) = ({hidden.shape[0]},), got {tuple(labels.shape)}")
-        if labels.dtype != torch.int64:
-            raise BadStepError(f"labels must be int64, got {labels.dtype}")
-        if labels.min() < 0 or labels.max() >= self.num_labels:
-            raise BadStepError(f"labels must lie in [0, {self.num_labels}), got "
-                               f"[{int(labels.min())}, {int(labels.max())}]")
+        try:
+            self.objective.check(targets, int(hidden.shape[0]))
+        except TargetError as exc:
+            raise BadStepError(str(exc)) from None
         self.check_activations(hidden, side, cut)
 
     def _train_step(self, c: _Copy, hidden: torch.Tensor, side: dict[str, torch.Tensor],
@@ -433,40 +359,23 @@ class ServerTrainer(ABC):
         segment, optimizer = c.module, c.optimizer
         segment.train()
         set_lr(optimizer, self.train_cfg, run_progress(self.train_cfg, self.server_round, step))
-        h = hidden.detach().requires_grad_(want_grad)  # (B, ...) leaf at the cut
+        device = module_device(segment)
+        h = hidden.detach().to(device).requires_grad_(want_grad)  # (B, ...) leaf at the cut
+        side = {k: v.to(device) for k, v in side.items()}
+        targets = labels.to(device)
         try:
-            logits = segment(h, side)  # (B, num_labels)
+            logits = segment(h, side)  # (B, num_labels) for classification
         except (RuntimeError, ValueError, IndexError) as exc:
             # Shape mismatches surface here, before any parameter changed.
             raise BadStepError(f"server segment cannot process activations of shape "
                                f"{tuple(hidden.shape)}: {exc}") from None
-        loss = self.loss(logits, labels)
+        loss = self.objective.loss(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         c.examples += int(labels.shape[0])
-        correct = int((logits.detach().argmax(-1) == labels).sum())
+        correct = self.objective.correct(logits, targets)
         if want_grad:
             assert h.grad is not None
         return StepResult(grad=h.grad if want_grad else None, loss=float(loss.detach()),
                           correct=correct)
-
-
-@TRAINERS.register("sflv1")
-class SFLV1Trainer(ServerTrainer):
-    """A replica of the server segment per client, averaged by examples at round end."""
-
-    default_segments = "replica"
-
-
-@TRAINERS.register("sflv2")
-class SFLV2Trainer(ServerTrainer):
-    """One server segment, updated batch by batch in arrival order."""
-
-    default_segments = "shared"
-
-
-def build_trainer(mode: str, segment: nn.Module | None, train_cfg: Any, num_labels: int, *,
-                  layout: ModelLayout | None = None) -> ServerTrainer:
-    """``mode`` (``sflv1``/``sflv2``) sets where clients go by default; see :class:`ServerTrainer`."""
-    return TRAINERS.get(mode)(segment, train_cfg, num_labels, layout=layout)

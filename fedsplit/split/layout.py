@@ -37,7 +37,6 @@ from torch import nn
 
 from fedsplit.split.base import (
     Batch,
-    Cut,
     ServerSegment,
     SplitError,
     SplitModel,
@@ -46,8 +45,7 @@ from fedsplit.split.base import (
     split_model,
 )
 
-MODES = ("split", "local-loss", "u-shaped", "full")
-MASK_KEY = "attention_mask"
+from fedsplit.modes import MODES, AuxHead, LocalLossClient, UShapedClient  # noqa: E402
 
 
 class LayoutError(SplitError):
@@ -76,16 +74,22 @@ class ClientPlan:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise LayoutError(f"training mode {self.mode!r} is unknown; choose one of "
-                              f"{', '.join(MODES)}")
+                              f"{', '.join(MODES.names())}")
         if isinstance(self.cut, bool) or not isinstance(self.cut, int):
             raise LayoutError(f"cut must be an integer, found {self.cut!r}")
-        if (self.back_cut is None) != (self.mode != "u-shaped"):
-            raise LayoutError(f"back_cut is set for u-shaped plans and only for them; found "
-                              f"mode={self.mode!r}, back_cut={self.back_cut!r}")
+        if (self.back_cut is None) == self.kind.needs_back_cut:
+            with_back = [m for m in MODES.names() if MODES.get(m).needs_back_cut]
+            raise LayoutError(f"back_cut is set for {'/'.join(with_back)} plans and only for "
+                              f"them; found mode={self.mode!r}, back_cut={self.back_cut!r}")
+
+    @property
+    def kind(self) -> Any:
+        """The plan's :class:`~fedsplit.modes.Mode` (from the registry)."""
+        return MODES.get(self.mode)
 
     @property
     def uses_channel(self) -> bool:
-        return self.mode != "full"
+        return bool(self.kind.uses_channel)
 
     def to_json(self) -> str:
         return json.dumps({"cut": self.cut, "mode": self.mode, "back-cut": self.back_cut})
@@ -95,68 +99,6 @@ class ClientPlan:
         data = json.loads(text)
         return cls(cut=int(data["cut"]), mode=str(data["mode"]),
                    back_cut=None if data.get("back-cut") is None else int(data["back-cut"]))
-
-
-class AuxHead(nn.Module):
-    """Local-loss auxiliary classifier: pool the cut activations to ``(B, F)``, then linear.
-
-    ``(B, F)`` is used as it is; ``(B, T, H)`` (encoders) is averaged over the real tokens
-    of ``side["attention_mask"]``; ``(B, C, ...)`` (CNN feature maps) over the positions.
-    """
-
-    def __init__(self, features: int, num_labels: int) -> None:
-        super().__init__()
-        self.classifier = nn.Linear(features, num_labels)
-
-    @staticmethod
-    def pool(hidden: torch.Tensor, side: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if hidden.dim() == 2:
-            return hidden
-        if hidden.dim() == 3:
-            mask = side.get(MASK_KEY)
-            if mask is None:
-                return hidden.mean(1)  # (B, H)
-            m = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-            return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, H)
-        return hidden.flatten(2).mean(-1)  # (B, C, ...) -> (B, C)
-
-    def forward(self, hidden: torch.Tensor, side: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.classifier(self.pool(hidden, side))  # (B, num_labels)
-
-    @classmethod
-    def probe(cls, segment: nn.Module, batch: Batch, num_labels: int) -> AuxHead:
-        """An aux head sized for ``segment``'s cut activations on ``batch``."""
-        with torch.no_grad():
-            cut = segment(batch)
-        return cls(int(cls.pool(cut.hidden, cut.side).shape[1]), num_labels)
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, torch.Tensor], prefix: str = "") -> AuxHead:
-        """An aux head shaped like the one whose weights are ``state[prefix + ...]``."""
-        weight = state[f"{prefix}classifier.weight"]  # (num_labels, F)
-        return cls(int(weight.shape[1]), int(weight.shape[0]))
-
-
-class LocalLossClient(nn.Module):
-    """The client segment and its auxiliary head (local-loss mode)."""
-
-    def __init__(self, segment: nn.Module, aux: AuxHead) -> None:
-        super().__init__()
-        self.segment = segment
-        self.aux = aux
-
-    def forward(self, batch: Batch) -> tuple[Cut, torch.Tensor]:
-        cut = self.segment(batch)  # cut.hidden: (B, ...)
-        return cut, self.aux(cut.hidden, cut.side)  # (B, num_labels)
-
-
-class UShapedClient(nn.Module):
-    """Front (embeddings + first layers) and tail (last layers + head) of a u-shaped client."""
-
-    def __init__(self, front: nn.Module, tail: nn.Module) -> None:
-        super().__init__()
-        self.front = front
-        self.tail = tail
 
 
 class _FixedRoot(nn.Module):
@@ -211,25 +153,20 @@ class ModelLayout:
     def check(self, plan: ClientPlan) -> None:
         """Raise :class:`LayoutError` unless this layout can build ``plan``."""
         if self.fixed_cut is not None:
-            if plan.cut != self.fixed_cut or plan.mode not in ("split", "local-loss"):
+            if plan.cut != self.fixed_cut or not plan.kind.fixed_split:
+                fixed = "/".join(m for m in MODES.names() if MODES.get(m).fixed_split)
                 raise LayoutError(
                     f"this model's split is fixed (model.bottleneck-rank > 0): only cut "
-                    f"{self.fixed_cut} in modes split/local-loss, found {plan}; set "
+                    f"{self.fixed_cut} in modes {fixed}, found {plan}; set "
                     "model.bottleneck-rank=0 for per-client cuts or other modes")
             return
         if plan.cut not in self.cuts:
             raise LayoutError(f"cut {plan.cut} is out of range for this model: use "
                               f"{self.lo}..{self.hi}")
-        if plan.mode == "u-shaped":
-            assert plan.back_cut is not None
-            if not plan.cut < plan.back_cut <= self.hi:
-                raise LayoutError(
-                    f"u-shaped back cut {plan.back_cut} must lie in {plan.cut + 1}..{self.hi} "
-                    f"(after the front cut {plan.cut}; at {self.hi} the client keeps only the "
-                    "head)")
-            self._kind()
+        plan.kind.check(self, plan)
 
-    def _kind(self) -> str:
+    def span_kind(self) -> str:
+        """How spans of layers (a middle, a tail) are built for this model."""
         from transformers import PreTrainedModel
 
         if isinstance(self.root, nn.Sequential):
@@ -259,7 +196,7 @@ class ModelLayout:
     def _part(self, what: str, start: int, stop: int) -> ServerSegment:
         key = (what, start, stop)
         if key not in self._parts:
-            if self._kind() == "sequential":
+            if self.span_kind() == "sequential":
                 from fedsplit.split.sequential import SequentialServer
 
                 blocks = self.root[start:stop] if stop >= 0 else self.root[start:]
@@ -280,26 +217,12 @@ class ModelLayout:
     def client_module(self, plan: ClientPlan, aux: AuxHead | None = None) -> nn.Module:
         """What the client trains under ``plan`` (``aux`` is required for local-loss)."""
         self.check(plan)
-        if plan.mode == "split":
-            return self.split(plan.cut).client
-        if plan.mode == "local-loss":
-            if aux is None:
-                raise LayoutError("a local-loss client module needs its AuxHead")
-            return LocalLossClient(self.split(plan.cut).client, aux)
-        if plan.mode == "u-shaped":
-            assert plan.back_cut is not None
-            return UShapedClient(self.split(plan.cut).client, self.tail(plan.back_cut))
-        return self.root
+        return plan.kind.client_module(self, plan, aux)
 
     def server_module(self, plan: ClientPlan) -> nn.Module | None:
         """What the server trains for a client under ``plan`` (``None``: nothing)."""
         self.check(plan)
-        if plan.mode in ("split", "local-loss"):
-            return self.split(plan.cut).server
-        if plan.mode == "u-shaped":
-            assert plan.back_cut is not None
-            return self.middle(plan.cut, plan.back_cut)
-        return None
+        return plan.kind.server_module(self, plan)
 
     def full_logits(self, batch: Batch) -> torch.Tensor:
         """Logits ``(B, C)`` of the whole global model (``full`` mode training)."""
@@ -345,7 +268,7 @@ def client_layout(model: nn.Module, cfg: Any) -> ModelLayout:
     """The layout a run config describes (a fixed one for ``model.bottleneck-rank > 0``).
 
     ``model`` is ``build_model(cfg.model, ...)``; with a bottleneck it is split (and
-    changed) here, once, as :meth:`fedsplit.task.Task.split` does it.
+    changed) here, once, as :meth:`fedsplit.tasks.Task.split` does it.
     """
     if cfg.model.bottleneck_rank:
         from fedsplit.split.bottleneck import split_with_bottleneck
@@ -357,4 +280,4 @@ def client_layout(model: nn.Module, cfg: Any) -> ModelLayout:
 
 
 __all__ = ["MODES", "AuxHead", "ClientPlan", "LayoutError", "LocalLossClient", "ModelLayout",
-           "UShapedClient", "client_layout"]
+           "UShapedClient", "client_layout"]  # the mode classes are re-exported for users

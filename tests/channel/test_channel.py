@@ -12,7 +12,8 @@ from fedsplit.channel import ChannelError, SplitChannelClient, SplitChannelServe
 from fedsplit.config import ModelConfig
 from fedsplit.models import build_model
 from fedsplit.optim import make_optimizer
-from fedsplit.server.trainer import build_trainer
+from fedsplit.server.trainer import ServerTrainer
+from fedsplit.tasks import ClassificationObjective
 from fedsplit.split import full_forward, loss_fn, split_model
 
 from channel_helpers import bert_batches, channel_cfg, cnn_batches, tiny_bert, train_cfg
@@ -33,7 +34,7 @@ def centralized_losses(model, batches, tcfg) -> list[float]:
 
 def split_losses(model, cut, batches, tcfg, num_labels, mode="sflv1") -> list[float]:
     split = split_model(model, cut)
-    trainer = build_trainer(mode, split.server, tcfg, num_labels)
+    trainer = ServerTrainer(split.server, tcfg, ClassificationObjective(num_labels), default_segments={"sflv1": "replica", "sflv2": "shared"}[mode])
     losses = []
     with SplitChannelServer(trainer, channel_cfg()) as server:
         trainer.begin_round(1)
@@ -81,7 +82,7 @@ def test_one_client_equals_centralized_bert(mode):
 def _setup(mode="sflv1"):
     torch.manual_seed(0)
     split = split_model(build_model(ModelConfig(name="cnn-digits", num_labels=10)), 2)
-    trainer = build_trainer(mode, split.server, train_cfg(lr=0.1), 10)
+    trainer = ServerTrainer(split.server, train_cfg(lr=0.1), ClassificationObjective(10), default_segments={"sflv1": "replica", "sflv2": "shared"}[mode])
     server = SplitChannelServer(trainer, channel_cfg())
     server.start()
     return split, trainer, server
@@ -281,7 +282,7 @@ def test_codecs_and_bottleneck_train_through_the_channel(spec):
     for name, codec, rank in (("plain", "identity", 0), ("packed", spec, 4)):
         model = tiny_bert()
         split = split_with_bottleneck(model, 2, rank) if rank else split_model(model, 2)
-        trainer = build_trainer("sflv1", split.server, train_cfg(optimizer="adam", lr=1e-2), 2)
+        trainer = ServerTrainer(split.server, train_cfg(optimizer="adam", lr=1e-2), ClassificationObjective(2))
         with SplitChannelServer(trainer, channel_cfg(), codec, codec) as server:
             trainer.begin_round(1)
             t = server.open_round(1, ["c"], timeout=60)["c"]
@@ -327,7 +328,8 @@ def test_delta_gets_sample_ids_through_the_channel_and_sends_less_for_seen_sampl
     """`delta` keys both sides' caches by sample id: the training loop passes each batch's
     ids, the frame carries them, the server decodes with them. First sight of a sample is
     raw fp32 (the same training as identity, exactly); the second epoch sends changes."""
-    from clients.trainer import SAMPLE_IDS, train_local, with_sample_ids
+    from clients.trainer import with_sample_ids
+    from fedsplit.modes import MODES, SAMPLE_IDS, LoopHooks
 
     epoch = bert_batches(3)
     ids = list(range(12)) * 2  # two epochs of the same 12 samples, in order
@@ -335,7 +337,7 @@ def test_delta_gets_sample_ids_through_the_channel_and_sends_less_for_seen_sampl
 
     def run(codec):
         split = split_model(tiny_bert(), 2)
-        trainer = build_trainer("sflv1", split.server, tcfg, 2)
+        trainer = ServerTrainer(split.server, tcfg, ClassificationObjective(2))
         steps = []  # (bytes up, loss) per step
         with SplitChannelServer(trainer, channel_cfg(), codec, "identity") as server:
             trainer.begin_round(1)
@@ -352,8 +354,9 @@ def test_delta_gets_sample_ids_through_the_channel_and_sends_less_for_seen_sampl
                 c.step = counted
                 batches = list(with_sample_ids(epoch + epoch, ids))
                 assert batches[4][SAMPLE_IDS].tolist() == [4, 5, 6, 7]
-                train_local(split.client, batches, c,
-                            make_optimizer(split.client.parameters(), tcfg))
+                MODES.get("split").train(split.client, batches, c,
+                                         make_optimizer(split.client.parameters(), tcfg),
+                                         ClassificationObjective(2), LoopHooks())
             traffic = server.close_round()["c"]
             trainer.end_round()
         return steps, traffic
@@ -376,7 +379,7 @@ def test_delta_without_sample_ids_is_refused_with_the_fix():
     from fedsplit.codecs import CodecError
 
     split = split_model(tiny_bert(), 2)
-    trainer = build_trainer("sflv1", split.server, train_cfg(), 2)
+    trainer = ServerTrainer(split.server, train_cfg(), ClassificationObjective(2))
     delta = {"name": "delta", "bits": 8}
     batch = bert_batches(1)[0]
     with SplitChannelServer(trainer, channel_cfg(), delta, "identity") as server:

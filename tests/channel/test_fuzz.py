@@ -22,7 +22,8 @@ from fedsplit.channel.wire import Kind
 from fedsplit.codecs import CodecContext, build_codec
 from fedsplit.config import ChannelConfig, ModelConfig, TrainConfig
 from fedsplit.models import build_model
-from fedsplit.server.trainer import build_trainer
+from fedsplit.server.trainer import ServerTrainer
+from fedsplit.tasks import ClassificationObjective
 from fedsplit.split import split_model
 
 EXAMPLES = 2500
@@ -35,8 +36,8 @@ class Harness:
         torch.manual_seed(0)
         self.split = split_model(build_model(ModelConfig(name="cnn-digits", num_labels=10)), 2)
         tcfg = SimpleNamespace(**vars(TrainConfig(optimizer="sgd", lr=0.05)))
-        self.trainer = build_trainer("sflv2", self.split.server, tcfg, 10)
-        self.twin = build_trainer("sflv2", copy.deepcopy(self.split.server), tcfg, 10)
+        self.trainer = ServerTrainer(self.split.server, tcfg, ClassificationObjective(10), default_segments="shared")
+        self.twin = ServerTrainer(copy.deepcopy(self.split.server), tcfg, ClassificationObjective(10), default_segments="shared")
         self.trainer.expect_like(torch.zeros(1, 32, 4, 4), variable_length=False)
         ccfg = SimpleNamespace(**{**vars(ChannelConfig()), "max_message_mb": 1})
         self.server = SplitChannelServer(self.trainer, ccfg)

@@ -13,7 +13,8 @@ from fedsplit.channel.wire import Kind
 from fedsplit.config import ModelConfig
 from fedsplit.models import build_model
 from fedsplit.optim import make_optimizer
-from fedsplit.server.trainer import Route, build_trainer
+from fedsplit.server.trainer import Route, ServerTrainer
+from fedsplit.tasks import ClassificationObjective
 from fedsplit.split import full_forward, loss_fn
 from fedsplit.split.layout import AuxHead, ClientPlan, ModelLayout
 
@@ -39,7 +40,7 @@ class Recorder:
 
 def u_shaped_losses(model, cut, back, batches, tcfg, segments):
     layout = ModelLayout(model, cut)
-    trainer = build_trainer("sflv1", None, tcfg, 2, layout=layout)
+    trainer = ServerTrainer(None, tcfg, ClassificationObjective(2), layout=layout)
     plan = ClientPlan(cut, "u-shaped", back)
     losses, frames = [], []
     with SplitChannelServer(trainer, channel_cfg()) as server:
@@ -110,7 +111,7 @@ def test_u_shaped_labels_never_cross_the_channel():
 def _u_server(tcfg=None):
     torch.manual_seed(0)
     layout = ModelLayout(build_model(ModelConfig(name="cnn-digits", num_labels=10)), 1)
-    trainer = build_trainer("sflv1", None, tcfg or train_cfg(lr=0.1), 10, layout=layout)
+    trainer = ServerTrainer(None, tcfg or train_cfg(lr=0.1), ClassificationObjective(10), layout=layout)
     server = SplitChannelServer(trainer, channel_cfg())
     server.start()
     trainer.begin_round(1)
@@ -162,7 +163,7 @@ def test_local_loss_gets_no_gradient_and_counts_exact_bytes():
     layout = ModelLayout(build_model(ModelConfig(name="cnn-digits", num_labels=10)), 2)
     twin = copy.deepcopy(layout.split(2).server)
     twin_opt = make_optimizer(twin.parameters(), tcfg)
-    trainer = build_trainer("sflv2", None, tcfg, 10, layout=layout)
+    trainer = ServerTrainer(None, tcfg, ClassificationObjective(10), layout=layout, default_segments="shared")
     plan = ClientPlan(2, "local-loss")
     batches = cnn_batches(6)
     aux = AuxHead.probe(layout.split(2).client, batches[0], 10)
@@ -202,7 +203,7 @@ def test_clients_at_different_cuts_train_their_own_server_layers():
     round's sums weigh each layer by the examples that went through it."""
     torch.manual_seed(0)
     layout = ModelLayout(build_model(ModelConfig(name="cnn-digits", num_labels=10)), 2)
-    trainer = build_trainer("sflv1", None, train_cfg(lr=0.05), 10, layout=layout)
+    trainer = ServerTrainer(None, train_cfg(lr=0.05), ClassificationObjective(10), layout=layout)
     with SplitChannelServer(trainer, channel_cfg()) as server:
         trainer.begin_round(1)
         tickets = server.open_round(1, ["a", "b"], 60, routes={

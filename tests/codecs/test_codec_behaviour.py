@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from fedsplit.codecs import Chain, CodecContext, CodecError, build_codec
 from fedsplit.codecs.dropout import Dropout
-from fedsplit.codecs.wire import pack_bits, packed_size, unpack_bits
+from fedsplit.codecs.wire import Reader
 
 
 def H(ndim: int) -> int:
@@ -29,27 +29,23 @@ def padded_mask(lengths: list[int], t: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- bit packing
+# (the packer itself is fedsplit.bits, tested in tests/test_bits.py)
 
 
-@pytest.mark.parametrize("width", range(1, 9))
-def test_bit_packing_round_trip_any_length(width: int) -> None:
-    rng = np.random.default_rng(width)
-    for n in [0, 1, 2, 3, 5, 7, 8, 9, 13, 31, 33]:
-        v = rng.integers(0, 2**width, size=n, dtype=np.uint8)
-        packed = pack_bits(v, width)
-        assert len(packed) == packed_size(n, width) == math.ceil(n * width / 8)
-        assert np.array_equal(unpack_bits(packed, n, width, "t"), v)
+def test_nonzero_padding_bits_are_a_codec_error() -> None:
+    with pytest.raises(CodecError, match="codec 't': non-zero padding bits"):
+        Reader(bytes([0x1F, 0x31]), "t").bits(3, 4, "codes")
 
 
-def test_bit_packing_two_4bit_values_per_byte_msb_first() -> None:
-    assert pack_bits(np.array([0x1, 0xF, 0x3], dtype=np.uint8), 4) == bytes([0x1F, 0x30])
-    packed = pack_bits(np.array([1, 2, 3, 0, 1], dtype=np.uint8), 2)
-    assert packed == bytes([0b01101100, 0b01000000])
-
-
-def test_nonzero_padding_bits_are_rejected() -> None:
-    with pytest.raises(CodecError, match="padding bits"):
-        unpack_bits(bytes([0x1F, 0x31]), 3, 4, "t")
+def test_reader_errors_name_the_codec() -> None:
+    with pytest.raises(CodecError, match="codec 't': message truncated.*codes needs 2 bytes"):
+        Reader(bytes([0x1F]), "t").bits(3, 4, "codes")
+    reader = Reader(bytes(3), "t")
+    reader.take(2, "head")
+    with pytest.raises(CodecError, match="codec 't': 1 unexpected bytes trailing"):
+        reader.done()
+    with pytest.raises(CodecError, match="codec 't': decode expects bytes, found str"):
+        Reader("abc", "t")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- cast

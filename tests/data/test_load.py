@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from fedsplit.config import DataConfig
-from fedsplit.data import DataError, check_labels, load_splits
+from fedsplit.data import (
+    DataError,
+    check_labels,
+    class_names,
+    encode_labels,
+    load_splits,
+)
 
 SHARED = Path(__file__).parents[2].parent / "shared" / "data"
 AMAZON_DOMAINS = ("airline", "books", "dvd", "electronics", "kitchen")
@@ -138,6 +144,97 @@ def test_check_labels(tmp_path, cache):
         check_labels(datasets.Dataset.from_dict({"label": ["pos", "neg"]}), "label", 2)
     with pytest.raises(DataError, match="no column"):
         check_labels(ds, "y", 2)
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def test_string_labels_are_encoded_in_sorted_train_order(tmp_path, cache):
+    train_f = write(tmp_path / "x" / "train.tsv",
+                    "sentence\tlabel\na\tpos\nb\tneutral\nc\tneg\nd\tpos\n")
+    test_f = write(tmp_path / "x" / "test.tsv", "sentence\tlabel\ne\tpos\nf\tneg\n")
+    train, test = load_splits(files_cfg([train_f], [test_f]), seed=0, cache_dir=cache)
+    assert class_names(train, "label") == class_names(test, "label") == ["neg", "neutral", "pos"]
+    assert isinstance(train.features["label"], datasets.ClassLabel)
+    assert train["label"] == [2, 1, 0, 2] and test["label"] == [2, 0]
+    assert train.column_names == ["sentence", "label", "source"]  # order kept
+    check_labels(train, "label", 3)
+    with pytest.raises(DataError, match=r"3 classes \(neg, neutral, pos\).*model.num-labels=3"):
+        check_labels(train, "label", 2)
+
+
+def test_integer_labels_are_kept_as_they_are(tmp_path, cache):
+    f = write(tmp_path / "x" / "train.tsv", "sentence\tlabel\na\t1\nb\t0\nc\t1\n")
+    train, _ = load_splits(files_cfg([f], [f]), seed=0, cache_dir=cache)
+    assert train.features["label"] == datasets.Value("int64")
+    assert train["label"] == [1, 0, 1] and class_names(train, "label") is None
+
+
+def test_test_labels_unseen_in_train_are_listed(tmp_path, cache):
+    train_f = write(tmp_path / "x" / "train.tsv", "sentence\tlabel\na\tpos\nb\tneg\n")
+    test_f = write(tmp_path / "x" / "test.tsv", "sentence\tlabel\nc\tmixed\nd\tpos\n")
+    with pytest.raises(DataError) as err:
+        load_splits(files_cfg([train_f], [test_f]), seed=0, cache_dir=cache)
+    msg = str(err.value)
+    assert "['mixed']" in msg and "['neg', 'pos']" in msg and "remove those test rows" in msg
+
+
+def test_missing_labels_are_reported(tmp_path, cache):
+    rows = [{"text": "a", "y": "pos"}, {"text": "b", "y": None}]
+    f = tmp_path / "x" / "train.jsonl"
+    write(f, "\n".join(json.dumps(r) for r in rows))
+    cfg = files_cfg([f], [f], text_column="text", label_column="y")
+    with pytest.raises(DataError, match=r"'y' of the train set has 1 missing value.*rows \[1\]"):
+        load_splits(cfg, seed=0, cache_dir=cache)
+
+
+def test_encode_labels_combinations():
+    named = datasets.Dataset.from_dict(
+        {"label": [1, 0]}, features=datasets.Features(
+            {"label": datasets.ClassLabel(names=["neg", "pos"])}))
+    ints = datasets.Dataset.from_dict({"label": [0, 1, 1]})
+    strings = datasets.Dataset.from_dict({"label": ["pos", "pos", "neg"]})
+    # Class ids on both sides (a hub train set, an integer test file): as they are.
+    train, test = encode_labels(named, ints, "label")
+    assert train is named and test is ints
+    # Names on the test side are mapped to the train set's ClassLabel.
+    _, test = encode_labels(named, strings, "label")
+    assert test["label"] == [1, 1, 0] and class_names(test, "label") == ["neg", "pos"]
+    with pytest.raises(DataError, match="integers in the train set"):
+        encode_labels(ints, strings, "label")
+    # Numbers that are not integers sort by value (10.0 after 2.0), not by name.
+    floats = datasets.Dataset.from_dict({"label": [10.0, 2.0, 2.0]})
+    train, _ = encode_labels(floats, floats, "label")
+    assert class_names(train, "label") == ["2.0", "10.0"] and train["label"] == [1, 0, 0]
+
+
+# --------------------------------------------------------------------------- headerless
+
+
+def test_headerless_tsv_takes_column_names(tmp_path, cache):
+    f = write(tmp_path / "x" / "train.tsv", "good film\t1\nbad film\t0\nfine\t1\n")
+    cfg = files_cfg([f], [f], column_names=["sentence", "label"])
+    train, _ = load_splits(cfg, seed=0, cache_dir=cache)
+    assert train["sentence"] == ["good film", "bad film", "fine"]  # the first line is data
+    assert train["label"] == [1, 0, 1]
+    # Without names the first line is taken for a header and the columns are missing.
+    with pytest.raises(DataError, match="no column"):
+        load_splits(files_cfg([f], [f]), seed=0, cache_dir=cache)
+
+
+def test_headerless_errors(tmp_path, cache):
+    f = write(tmp_path / "x" / "train.tsv", "good film\t1\nbad film\t0\n")
+    with pytest.raises(DataError, match=r"2 field\(s\).*gives 3 name\(s\)"):
+        load_splits(files_cfg([f], [f], column_names=["id", "sentence", "label"]), seed=0,
+                    cache_dir=cache)
+    h = write(tmp_path / "y" / "train.csv", "sentence,label\ngood,1\n")
+    with pytest.raises(DataError, match="is a header"):
+        load_splits(files_cfg([h], [h], column_names=["sentence", "label"]), seed=0,
+                    cache_dir=cache)
+    j = write(tmp_path / "z" / "train.jsonl", json.dumps({"sentence": "a", "label": 1}))
+    with pytest.raises(DataError, match="headerless CSV/TSV"):
+        load_splits(files_cfg([j], [j], column_names=["sentence", "label"]), seed=0,
+                    cache_dir=cache)
 
 
 # --------------------------------------------------------------------------- digits

@@ -1,4 +1,4 @@
-"""Tests of fedsplit.data.partition: IID, Dirichlet and natural splits."""
+"""Tests of fedsplit.data.partition: IID, Dirichlet, natural and class splits."""
 
 from __future__ import annotations
 
@@ -119,3 +119,53 @@ def test_missing_partition_column_and_bad_partition_id():
         load_partition(cfg, toy(), 0, 3, 0)
     with pytest.raises(DataError, match=r"expected 0\.\.2"):
         load_partition(DataConfig(partitioner="iid"), toy(), 3, 3, 0)
+
+
+# --------------------------------------------------------------------------- classes
+
+
+def class_cfg(k: int) -> DataConfig:
+    return DataConfig(partitioner="classes", classes_per_client=k)
+
+
+@pytest.mark.parametrize("n,classes,clients,k", [(600, 10, 5, 2), (700, 10, 7, 3),
+                                                (300, 3, 4, 2), (500, 5, 5, 5)])
+def test_classes_each_client_k_classes_every_row_once(n, classes, clients, k):
+    ds = toy(n, classes=classes)
+    parts = partitions(class_cfg(k), ds, clients, seed=3)
+    assert all(len(set(p["label"])) == k for p in parts)
+    ids = sorted(i for p in parts for i in p["idx"])
+    assert ids == list(range(n))
+    # Every class is held by as many clients as any other, give or take one ...
+    holders = Counter(c for p in parts for c in set(p["label"]))
+    assert set(holders) == set(range(classes))
+    assert max(holders.values()) - min(holders.values()) <= 1
+    # ... and its rows are cut evenly among them.
+    for c in range(classes):
+        sizes = [Counter(p["label"])[c] for p in parts if c in set(p["label"])]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_classes_deterministic_seeded_and_reported():
+    ds = toy(600, classes=10)
+    a = [list(p["idx"]) for p in partitions(class_cfg(2), ds, 5, seed=1)]
+    b = [list(p["idx"]) for p in partitions(class_cfg(2), ds, 5, seed=1)]
+    c = [list(p["idx"]) for p in partitions(class_cfg(2), ds, 5, seed=2)]
+    assert a == b and a != c
+    partitioner = make_partitioner(class_cfg(2), 5, seed=1)
+    partitioner.dataset = ds
+    for pid, held in partitioner.partition_id_to_classes.items():
+        assert sorted(set(partitioner.load_partition(pid)["label"])) == held
+
+
+def test_classes_errors():
+    ds = toy(60, classes=3)
+    with pytest.raises(DataError, match="classes-per-client`=4 but 'label' has only 3"):
+        load_partition(class_cfg(4), ds, 0, 2, 0)
+    with pytest.raises(DataError, match="cover only 2 of the 3 classes.*at least 2 clients"):
+        load_partition(class_cfg(2), ds, 0, 1, 0)
+    # 3 rows per class, 6 clients x 3 classes: each class held by 6 clients.
+    with pytest.raises(DataError, match="has 3 sample\\(s\\), too few for the 6 clients"):
+        load_partition(class_cfg(3), toy(9, classes=3), 0, 6, 0)
+    with pytest.raises(DataError, match="no such column"):
+        load_partition(DataConfig(partitioner="classes", partition_by="y"), ds, 0, 2, 0)

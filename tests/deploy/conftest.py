@@ -18,7 +18,8 @@ import pytest
 
 from fedsplit.config import load_config
 from fedsplit.deploy.data import prepare_device_data
-from fedsplit.deploy.federation import Deployment, free_port
+from fedsplit.deploy.federation import Deployment
+from fedsplit.deploy.commands import free_port
 
 APP = Path(__file__).resolve().parents[2]  # the Flower App: the repository root
 

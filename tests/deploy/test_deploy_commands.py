@@ -10,7 +10,7 @@ from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
 from fedsplit.deploy.certs import CertPaths
-from fedsplit.deploy.federation import (
+from fedsplit.deploy.commands import (
     DeployError,
     format_node_config,
     parse_override,
@@ -81,7 +81,8 @@ def test_deployment_state_connection_and_run_config(tmp_path, monkeypatch):
     from flwr.cli.flower_config import read_superlink_connection
 
     from fedsplit.deploy.certs import server_sans
-    from fedsplit.deploy.federation import CONNECTION, Deployment
+    from fedsplit.deploy.federation import Deployment
+    from fedsplit.deploy.commands import CONNECTION
 
     dep = Deployment.create(tmp_path / "fed", host="0.0.0.0", port=8443,
                             public_host="192.168.1.10", channel_port=9443, node_keys=["pi1"])

@@ -27,7 +27,8 @@ from fedsplit.deploy import procs
 from fedsplit.deploy.federation import RunResult
 from fedsplit.models import build_model
 from fedsplit.server.app import channel_credentials
-from fedsplit.server.trainer import build_trainer
+from fedsplit.server.trainer import ServerTrainer
+from fedsplit.tasks import ClassificationObjective
 from fedsplit.split import split_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.ci]
@@ -130,7 +131,7 @@ def test_expired_and_forged_tokens_change_nothing(federation):
     certs = federation.dep.certs
     torch.manual_seed(0)
     split = split_model(build_model(ModelConfig(name="cnn-digits", num_labels=10)), 2)
-    trainer = build_trainer("sflv1", split.server, TrainConfig(), 10)
+    trainer = ServerTrainer(split.server, TrainConfig(), ClassificationObjective(10))
     cfg = SimpleNamespace(**{**vars(ChannelConfig()), "port": 0})
     creds = channel_credentials(SimpleNamespace(tls_cert=str(certs.server_cert),
                                                 tls_key=str(certs.server_key)))

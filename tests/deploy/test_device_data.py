@@ -12,7 +12,7 @@ from clients.client_app import client_partition
 from fedsplit.config import load_config
 from fedsplit.data import DataError
 from fedsplit.deploy.data import load_device_partition, prepare_device_data
-from fedsplit.task import Task
+from fedsplit.tasks import build_task
 
 
 def _context(**node_config) -> Context:
@@ -29,7 +29,7 @@ def written(tmp_path_factory):
 
 def test_partitions_are_the_simulation_partitions(written):
     cfg, out, parts = written
-    task = Task(cfg)
+    task = build_task(cfg)
     train, _ = task.datasets()
     assert sum(p.examples for p in parts) == len(train)
     for p in parts:
@@ -44,7 +44,7 @@ def test_partitions_are_the_simulation_partitions(written):
 
 def test_without_data_path_the_simulation_path_is_unchanged(written):
     cfg, _, parts = written
-    task = Task(cfg)
+    task = build_task(cfg)
     got = client_partition(task, _context(**{"partition-id": 1, "num-partitions": 3}))
     assert len(got) == parts[1].examples
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedsplit.deploy import procs
-from fedsplit.deploy.federation import absolute_path_overrides
+from fedsplit.deploy.commands import absolute_path_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))

@@ -159,6 +159,20 @@ def test_encode_rejects_bad_arguments():
         encode_update(state, bits=8, reference={"fc.weight": torch.zeros(7, 13)})
 
 
+def test_codes_and_masks_are_packed_msb_first():
+    """Version 2 packs with fedsplit.bits.pack_bits, the cut-layer codecs' bit order."""
+    # values on the 2-bit grid of [0, 3] round to themselves (stochastic or not)
+    blob = encode_update({"w": torch.tensor([0.0, 1.0, 2.0, 3.0])}, bits=2)
+    assert blob[4] == 2  # version
+    fixed = 16 + (2 + 1 + 3 + 4)  # header, entry "w" with one dim
+    assert blob[fixed + 8:] == bytes([0b00_01_10_11])  # after (lo, scale): codes 0 1 2 3
+    mask = torch.tensor([True] + [False] * 7 + [True])
+    blob = encode_update({"w": torch.ones(9)}, bits=32, masks={"w": mask})
+    assert blob[fixed:fixed + 2] == bytes([0x80, 0x80])  # element i is bit 7 - i % 8
+    out, masks = decode_update(blob)
+    assert torch.equal(masks["w"], mask) and out["w"].tolist() == mask.float().tolist()
+
+
 # --------------------------------------------------------------------------- malformed bytes
 
 

@@ -48,6 +48,26 @@ def test_with_masks_it_is_the_mask_aware_fedavg():
     assert all(torch.equal(got_masks[k], want_masks[k]) for k in want_masks)
 
 
+def test_masked_average_is_the_same_arithmetic_bit_for_bit():
+    """Both averages run on fedsplit.pruning.aggregate.MaskedSums: equal to the last bit,
+    also when the server adds its sums to the clients' ones."""
+    states = [_state(i) for i in range(4)]
+    g = torch.Generator().manual_seed(5)
+    masks = [None, {"a": torch.rand(3, 4, generator=g) > 0.5}, {},
+             {"a": torch.rand(3, 4, generator=g) > 0.2, "c": torch.rand(3, 4, generator=g) > 0.7}]
+    weights = [3.0, 7.5, 1.25, 11.0]
+    clients, server = LayerSums(), LayerSums()
+    for s, m, w in zip(states[:3], masks[:3], weights[:3]):
+        clients.add(s, w, m)
+    server.add(states[3], weights[3], masks[3])
+    got, got_masks = (clients + server).result(_state(99))
+    want, want_masks = masked_average(list(zip(states, masks, weights)))
+    for k in want:
+        assert got[k].numpy().tobytes() == want[k].numpy().tobytes(), k
+    assert set(got_masks) == set(want_masks) == {"a", "c"}
+    assert all(torch.equal(got_masks[k], want_masks[k]) for k in want_masks)
+
+
 def test_an_element_no_copy_kept_becomes_zero_and_masked():
     sums = LayerSums()
     sums.add({"w": torch.ones(2)}, 1.0, {"w": torch.tensor([True, False])})

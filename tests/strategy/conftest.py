@@ -34,6 +34,8 @@ class InlineGrid(Grid):
         self.nodes = {1000 + i: {"partition-id": i, "num-partitions": num_nodes, **extra[i]}
                       for i in range(num_nodes)}
         self.delivered: list[Message] = []
+        # Each node's context state lives as long as the node, as in Flower's runtimes.
+        self.states: dict[int, RecordDict] = {n: RecordDict() for n in self.nodes}
 
     def set_run(self, run: Any) -> None:  # pragma: no cover - not used in process
         raise NotImplementedError
@@ -57,7 +59,7 @@ class InlineGrid(Grid):
     def _deliver(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
         context = Context(run_id=1, node_id=node, node_config=dict(self.nodes[node]),
-                          state=RecordDict(), run_config={})
+                          state=self.states[node], run_config={})
         return self.app(msg, context)
 
     def send_and_receive(self, messages: Iterable[Message], *,
@@ -90,6 +92,7 @@ def run_strategy(out: Any, name: str, *over: str, clients: int = 2, rounds: int 
     """``serve`` one digits run of strategy ``name`` on an :class:`InlineGrid`;
     returns (the run writer, the grid)."""
     from fedsplit.config import load_config
+    from fedsplit.server_app import strategy_factory
     from fedsplit.server.app import serve
 
     cfg = load_config("configs/default.yaml", [
@@ -97,7 +100,7 @@ def run_strategy(out: Any, name: str, *over: str, clients: int = 2, rounds: int 
         f"run.name={run_name or name.replace(':', '-')}", "run.progress=false",
         f"data.max-train-samples={SAMPLES}", "data.max-test-samples=200", *over])
     grid = InlineGrid(clients, node_configs)
-    return serve(grid, cfg), grid
+    return serve(grid, cfg, strategy_factory), grid
 
 
 @pytest.fixture(scope="module")

@@ -123,9 +123,11 @@ def test_strategy_problems_are_reported_before_training(user_module):
         load_config("configs/default.yaml", ["strategy.name=allocator"])
 
 
-def test_train_mode_still_picks_the_strategy():
-    cfg = load_config("configs/default.yaml", ["train.mode=sflv2"])
-    assert cfg.strategy.name == "" and cfg.train.mode == "sflv2"  # serve runs "sflv2"
+def test_strategy_name_alone_picks_sflv1_or_sflv2():
+    assert load_config("configs/default.yaml").strategy.name == "sflv1"
+    assert load_config(None).strategy.name == "sflv1"  # the schema's default
+    with pytest.raises(ConfigError, match="`train.mode` was replaced by `strategy.name`"):
+        load_config("configs/default.yaml", ["train.mode=sflv2"])
 
 
 @pytest.mark.slow

@@ -1,8 +1,12 @@
-"""What strategies and clients exchange in Flower messages, and what a round records.
+"""What the ServerApp and the ClientApp exchange in Flower messages, and what a round records.
 
-Keys of the train message's ConfigRecord (kebab-case, defined once; the ClientApp reads
-them) and of the query reply, the exact byte count of an ArrayRecord, the per-round
-statistics the run's metrics writer reads, and the weighted average of client metrics.
+Keys of the train message's ConfigRecord (kebab-case, defined once; the strategies write
+them, the ClientApp reads them) and of the query reply, the exact byte count of an
+ArrayRecord, the per-round statistics the run's metrics writer reads, and the weighted
+average of client metrics.
+
+Both apps import this module (``strategies`` on the server, ``clients`` on the nodes), so
+it lives in the library and imports neither of them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ KEY_CODECS = "channel-codecs"  # JSON [up, down]: this client's codec specs
 KEY_CURSOR = "data-cursor"  # samples this client consumed so far (its place in its data)
 KEY_PLAN = "client-plan"  # JSON ClientPlan: cut, training mode, back cut
 KEY_OVERRIDES = "client-overrides"  # JSON {section.key: value}: this client's run config
-# Query reply (asked once per client and run, see SplitFedAvg.discover):
+# Query reply (asked once per client and run, see strategies.directory.ClientDirectory):
 KEY_CLIENT = "client-key"  # the stable name of a client
 KEY_DEVICE = "device-profile"  # its node config's device kind ("" if none)
 KEY_PARTITION = "partition-id"  # its partition id (-1 if none)

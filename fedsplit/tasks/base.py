@@ -1,0 +1,178 @@
+"""The task seam: what a batch is and how it is scored.
+
+A :class:`Task` couples a run's data with an :class:`Objective`:
+
+* the data side (load, partition, encode, batch) is delegated to an *input kind*
+  (:mod:`fedsplit.tasks.inputs`: text, image or array), chosen from the data itself;
+* the :class:`Objective` says which entry of a batch is the target, checks targets that
+  arrive at the server, computes the loss and counts correct predictions.
+
+The server trainer, the training modes' client loops and evaluation only talk to the
+objective; nothing outside ``fedsplit/tasks/`` knows whether a target is a class id or
+a token sequence. A new task (e.g. causal language modelling) registers a ``Task``
+subclass in :data:`TASKS` with its own objective and inputs::
+
+    @TASKS.register("my-task")
+    class MyTask(Task):
+        def make_objective(self) -> Objective: ...
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from fedsplit.registry import Registry
+
+TARGET_KEY = "labels"  # the batch entry that holds the targets
+
+
+class TargetError(ValueError):
+    """Targets do not fit the task (shape, dtype, range); the message says what and how."""
+
+
+class Objective(ABC):
+    """How one task scores model outputs. Shared by server, clients and evaluation."""
+
+    key: ClassVar[str] = TARGET_KEY
+
+    def targets(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's targets (what plain split learning sends to the server)."""
+        return batch[self.key]
+
+    @abstractmethod
+    def loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean loss of ``output`` (the model's last layer) against ``targets``."""
+
+    @abstractmethod
+    def correct(self, output: torch.Tensor, targets: torch.Tensor) -> int:
+        """How many scored units (samples, tokens) ``output`` predicts right."""
+
+    def count(self, targets: torch.Tensor) -> int:
+        """How many scored units ``targets`` holds (the denominator of accuracy)."""
+        return int(targets.shape[0])
+
+    @abstractmethod
+    def check(self, targets: torch.Tensor, batch_size: int) -> None:
+        """Raise :class:`TargetError` unless ``targets`` fit a batch of ``batch_size``
+        (the server calls this on every batch a client sends)."""
+
+
+class Task:
+    """Data and objective of a run, built from its resolved config.
+
+    Shared by the ServerApp (global model, held-out test set) and the ClientApp (client
+    segment, training partition), so both sides build exactly the same thing.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.objective = self.make_objective()
+        self._inputs: Any = None
+
+    def make_objective(self) -> Objective:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ model
+    def split(self, pretrained: bool = True) -> Any:
+        """The model ``model`` describes, split at ``model.cut`` (``SplitModel``)."""
+        from fedsplit.split.layout import client_layout
+        from fedsplit.models import build_model
+
+        layout = client_layout(build_model(self.cfg.model, pretrained=pretrained), self.cfg)
+        return layout.split(self.cfg.model.cut)
+
+    # ------------------------------------------------------------------ data
+    @property
+    def inputs(self) -> Any:
+        """The input kind (text / image / array); known once a dataset was seen."""
+        if self._inputs is None:
+            raise RuntimeError("the task's input kind is chosen from the data: call "
+                               "datasets() or attach(dataset) first")
+        return self._inputs
+
+    def attach(self, ds: Any) -> None:
+        """Choose the input kind from ``ds`` (a raw dataset of this run)."""
+        if self._inputs is None:
+            from fedsplit.tasks.inputs import inputs_for
+
+            self._inputs = inputs_for(ds, self.cfg)
+
+    def datasets(self) -> tuple[Any, Any]:
+        """The raw (train, test) sets, labels checked against the model's outputs."""
+        from fedsplit.data import check_labels, load_splits
+
+        train, test = load_splits(self.cfg.data, seed=self.cfg.run.seed)
+        for ds in (train, test):
+            check_labels(ds, self.cfg.data.label_column, self.cfg.model.num_labels)
+        self.attach(train)
+        return train, test
+
+    def partition(self, train: Any, partition_id: int, num_partitions: int) -> Any:
+        """This client's share of the (raw, not yet encoded) training set."""
+        from fedsplit.data import load_partition
+
+        return load_partition(self.cfg.data, train, partition_id, num_partitions,
+                              seed=self.cfg.run.seed)
+
+    def encode(self, ds: Any) -> Any:
+        """Model-ready rows (tokenized text, decoded images); raw rows of one split."""
+        self.attach(ds)
+        return self.inputs.encode(ds)
+
+    def select(self, encoded: Any, indices: Any) -> Any:
+        """The rows ``indices`` (in that order, repeats allowed) of an encoded set."""
+        return self.inputs.select(encoded, indices)
+
+    def loader(self, ds: Any, batch_size: int, shuffle: bool, seed: int = 0,
+               augment_seed: int | None = None) -> Any:
+        """Batches of an encoded set: dicts of tensors with the objective's target key.
+
+        ``augment_seed`` (training batches only): seed of the train-time augmentation
+        (images); ``None`` gives unaugmented batches, as evaluation needs.
+        """
+        return self.inputs.loader(ds, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                                  augment_seed=augment_seed)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The text tokenizer (``None`` for other inputs)."""
+        return getattr(self.inputs, "tokenizer", None)
+
+    def prepare_config(self, train: Any) -> dict[str, Any]:
+        """Settings the server derives from the whole training set once and ships to
+        every client in the run config (e.g. measured image normalization), as flat
+        ``{"section.key": value}`` overrides; ``{}`` when there are none."""
+        self.attach(train)
+        return self.inputs.prepare_config(train)
+
+
+TASKS: Registry[type[Task]] = Registry("task")
+
+
+def build_task(cfg: Any) -> Task:
+    """The task ``task.name`` names, over the resolved config ``cfg``."""
+    return TASKS.get(cfg.task.name)(cfg)
+
+
+def prepare_run(cfg: Any) -> tuple[Any, Task, Any, Any]:
+    """What a run's server (or a centralized baseline) starts from: the config with what
+    is derived once and shipped to clients (absolute paths; settings measured on the
+    training set, e.g. image normalization), its task, and the raw train and test sets."""
+    from fedsplit.config import load_config, to_flat
+    from fedsplit.paths import with_resolved_paths
+
+    cfg = with_resolved_paths(cfg)
+    task = build_task(cfg)
+    train_set, test_set = task.datasets()
+    derived = task.prepare_config(train_set)
+    if derived:
+        cfg = with_resolved_paths(load_config(overrides={**to_flat(cfg), **derived}))
+        task = build_task(cfg)
+        task.attach(train_set)
+    return cfg, task, train_set, test_set

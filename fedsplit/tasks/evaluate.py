@@ -1,0 +1,61 @@
+"""Held-out evaluation of a split model, optionally as split inference through a codec."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedsplit.codecs.base import CodecContext, build_codec
+from fedsplit.runtime import module_device, to_device
+from fedsplit.tasks.base import Objective
+
+
+@torch.no_grad()
+def evaluate(split: Any, loader: Any, objective: Objective, up_codec: Any = None,
+             seed: int = 0) -> dict[str, float]:
+    """Accuracy and mean loss of the composed split model on ``loader``.
+
+    Batches run where the client segment's parameters are (``run.device``).
+    ``up_codec`` (a codec spec, as ``codec.up``): evaluate as split inference runs, the
+    cut activations encoded by a sender and decoded by a receiver (fresh instances: a new
+    inference session; stateful codecs such as ``klt`` fit their state on what they
+    send). The result then also holds ``bytes_up``, the exact encoded bytes.
+    """
+    split.client.eval()
+    split.server.eval()
+    device = module_device(split.client)
+    transmit = None if up_codec is None else _Transmit(up_codec, seed)
+    n, correct, loss_sum = 0, 0, 0.0
+    for step, batch in enumerate(loader):
+        batch = to_device(batch, device)
+        cut = split.client(batch)
+        hidden = cut.hidden if transmit is None else transmit(step, cut.hidden, cut.side)
+        output = split.server(hidden, cut.side)  # (B, num_labels) for classification
+        targets = objective.targets(batch)
+        count = objective.count(targets)
+        loss_sum += float(objective.loss(output, targets)) * count
+        correct += objective.correct(output, targets)
+        n += count
+    out = {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "examples": float(n)}
+    if transmit is not None:
+        out["bytes_up"] = float(transmit.nbytes)
+    return out
+
+
+class _Transmit:
+    """The up direction of the split channel in one process: encode, count, decode."""
+
+    def __init__(self, spec: Any, seed: int) -> None:
+        self.tx, self.rx, self.seed, self.nbytes = build_codec(spec), build_codec(spec), seed, 0
+        self.samples = 0  # test samples sent so far: their ids (delta keys state on them)
+
+    def __call__(self, step: int, hidden: torch.Tensor, side: dict) -> torch.Tensor:
+        ids = torch.arange(self.samples, self.samples + len(hidden))
+        side = {k: v.cpu() for k, v in side.items()}
+        self.samples += len(hidden)
+        ctx = CodecContext(direction="up", step=step, seed=self.seed, sample_ids=ids,
+                           attention_mask=side.get("attention_mask"))
+        data = self.tx.encode(hidden, ctx)  # codecs encode a CPU copy: same bytes anywhere
+        self.nbytes += len(data)
+        return self.rx.decode(data, ctx).to(hidden.device)

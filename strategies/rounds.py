@@ -1,0 +1,244 @@
+"""A strategy's round bookkeeping: what each client was sent, what the round cost.
+
+:class:`RoundBook` keeps the :class:`~fedsplit.protocol.RoundStats` of every round (the
+run's metrics writer reads them) and, for the round in progress, what each client was
+sent (:class:`SentSegment`, needed to decode its reply). The train messages are built
+here (:func:`encode_segment`, :func:`train_record`, :meth:`RoundBook.train_message`);
+the book counts the model-sync bytes each way (exact ``ArrayRecord`` sizes), decodes the
+replies into :class:`~fedsplit.server.layerwise.SegmentUpdate` s and, when the split
+channel closes the round, records its traffic and moves the data cursors of the clients
+that finished.
+
+It decides nothing: which clients, plans, routes and sums a round has are the
+strategy's hooks (:class:`strategies.splitfed.SplitFedAvg`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Mapping
+from logging import WARNING
+from typing import Any, NamedTuple
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
+from torch import nn
+
+from fedsplit.channel.server import Traffic
+from fedsplit.protocol import (
+    KEY_ADDRESS,
+    KEY_CODECS,
+    KEY_CURSOR,
+    KEY_NUM_EXAMPLES,
+    KEY_OVERRIDES,
+    KEY_PLAN,
+    KEY_ROUND,
+    KEY_RUN_CONFIG,
+    KEY_SEED,
+    KEY_TOKEN,
+    RoundStats,
+    array_record_bytes,
+)
+from fedsplit.quantization import QuantizationError
+from fedsplit.server.layerwise import SegmentUpdate, to_global
+from fedsplit.split.layout import ClientPlan, ModelLayout
+from fedsplit.sync import SyncError, decode_client, encode_global
+from strategies.directory import ClientDirectory
+
+
+class SentSegment(NamedTuple):
+    """What one client was sent this round, kept to decode its reply."""
+
+    plan: ClientPlan
+    reference: dict[str, torch.Tensor]  # what the client decoded (its delta's origin)
+    base: dict[str, torch.Tensor]  # the full-precision segment it was encoded from
+    keys: dict[str, str]  # client state-dict key -> global key
+
+
+class ChannelAccess(NamedTuple):
+    """How a client reaches the split channel this round (sent in its train message)."""
+
+    address: str
+    token: str
+    codecs: Any  # [up, down] codec specs
+
+
+def encode_segment(cfg: Any, layout: ModelLayout, plan: ClientPlan, aux: nn.Module | None,
+                   extras: Mapping[str, nn.Module],
+                   global_masks: Mapping[str, torch.Tensor] | None,
+                   ) -> tuple[ArrayRecord, SentSegment]:
+    """What a client with ``plan`` is sent: the part of the global model it trains (and
+    its aux head ``aux``, one of the global ``extras``), encoded for the downlink.
+
+    Returns
+    -------
+    tuple
+        The ArrayRecord to send and the :class:`SentSegment` that decodes the reply.
+    """
+    module = layout.client_module(plan, aux=aux)  # type: ignore[arg-type]
+    own_extras = {name: m for name, m in extras.items() if m is aux} if aux is not None else {}
+    keys = layout.key_map(module, own_extras)
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    masks = None
+    if global_masks:
+        masks = {k: global_masks[g] for k, g in keys.items() if g in global_masks}
+    record, reference = encode_global(cfg, ArrayRecord(state), masks or None)
+    return record, SentSegment(plan, reference, state, keys)
+
+
+def client_seed(run_seed: int, server_round: int, client_key: str) -> int:
+    """A client's codec seed for a round (dropout positions, rounding noise).
+
+    Derived, not random, so runs repeat exactly (also when resumed); the channel's
+    tokens stay random.
+    """
+    digest = hashlib.sha256(f"{run_seed}-{server_round}-{client_key}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+def train_record(config: ConfigRecord, *, server_round: int, run_config: Mapping[str, Any],
+                 plan: ClientPlan, overrides: Mapping[str, Any], seed: int, cursor: int,
+                 channel: ChannelAccess | None, extra: Mapping[str, Any]) -> ConfigRecord:
+    """One client's train ConfigRecord (keys from :mod:`fedsplit.protocol`).
+
+    Parameters
+    ----------
+    config
+        The strategy's base train config (copied, not changed).
+    server_round, run_config, plan, overrides, seed, cursor
+        The round, the resolved run config (flat), the client's plan, its run-config
+        overrides, codec seed and data cursor.
+    channel
+        The channel's address, the client's token and codecs; ``None`` for a client that
+        does not use the channel (``full`` mode).
+    extra
+        The strategy's own entries (``client_config``), set last.
+    """
+    record = ConfigRecord(dict(config))
+    record[KEY_ROUND] = server_round
+    record[KEY_RUN_CONFIG] = json.dumps(run_config)
+    record[KEY_PLAN] = plan.to_json()
+    record[KEY_OVERRIDES] = json.dumps(overrides)
+    record[KEY_SEED] = seed
+    record[KEY_CURSOR] = cursor
+    if channel is not None:
+        record[KEY_ADDRESS] = channel.address
+        record[KEY_TOKEN] = channel.token
+        record[KEY_CODECS] = json.dumps(channel.codecs)
+    for key, value in extra.items():
+        record[key] = value
+    return record
+
+
+class RoundBook:
+    """Per-round records of a strategy.
+
+    Parameters
+    ----------
+    directory
+        The strategy's clients (reply order, data cursors).
+
+    Attributes
+    ----------
+    rounds
+        ``{server round: RoundStats}`` of every round opened so far.
+    sent
+        ``{node id: SentSegment}`` of the round in progress.
+    """
+
+    def __init__(self, directory: ClientDirectory) -> None:
+        self.directory = directory
+        self.rounds: dict[int, RoundStats] = {}
+        self.sent: dict[int, SentSegment] = {}
+
+    def open(self, server_round: int) -> RoundStats:
+        """Start the records of ``server_round`` (its clock starts now) and forget what
+        the previous round's clients were sent."""
+        stats = RoundStats(server_round, time.monotonic())
+        self.rounds[server_round] = stats
+        self.sent = {}
+        return stats
+
+    def train_message(self, stats: RoundStats, node_id: int, arrays: ArrayRecord,
+                      sent: SentSegment, record: ConfigRecord, arrays_key: str,
+                      config_key: str) -> Message:
+        """The client's train message; remembers what it was sent and counts the bytes."""
+        self.sent[node_id] = sent
+        content = RecordDict({arrays_key: arrays, config_key: record})
+        stats.sync_bytes_down += array_record_bytes(arrays)
+        return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+
+    def count_replies(self, stats: RoundStats, replied: int, valid: list[Message],
+                      errors: int) -> None:
+        """Failures, model-sync bytes up and the clients' own cut-byte counts.
+
+        A client that crashed replies with an error; one that vanished or missed the
+        round deadline does not reply at all: both count as failures.
+        """
+        stats.failures = errors + max(0, len(stats.clients) - replied)
+        for msg in valid:
+            for rec in msg.content.array_records.values():
+                stats.sync_bytes_up += array_record_bytes(rec)
+            for metrics in msg.content.metric_records.values():
+                up, down = metrics.get("cut-bytes-up", 0), metrics.get("cut-bytes-down", 0)
+                stats.client_cut_bytes_up += int(up)  # type: ignore[arg-type]
+                stats.client_cut_bytes_down += int(down)  # type: ignore[arg-type]
+
+    def decode(self, msg: Message) -> SegmentUpdate | None:
+        """The reply's trained segment in global keys, or ``None`` (logged) when it
+        cannot be used: one bad client must not end the round."""
+        node = msg.metadata.src_node_id
+        if node not in self.sent:
+            log(WARNING, "aggregate_train: a reply from node %d, which was not sent a train "
+                "message this round; ignored.", node)
+            return None
+        plan, keys = self.sent[node].plan, self.sent[node].keys
+        if len(msg.content.array_records) != 1 or len(msg.content.metric_records) != 1:
+            log(WARNING, "aggregate_train: node %d replied with %d ArrayRecords and %d "
+                "MetricRecords, expected one of each; its update is skipped.", node,
+                len(msg.content.array_records), len(msg.content.metric_records))
+            return None
+        metrics = next(iter(msg.content.metric_records.values()))
+        if KEY_NUM_EXAMPLES not in metrics:
+            log(WARNING, "aggregate_train: node %d's MetricRecord lacks `%s`; its update is "
+                "skipped.", node, KEY_NUM_EXAMPLES)
+            return None
+        try:
+            state, masks = decode_client(next(iter(msg.content.array_records.values())),
+                                         self.sent[node].reference, self.sent[node].base)
+        except (QuantizationError, SyncError) as exc:
+            log(WARNING, "aggregate_train: node %d's segment update does not decode (%s); "
+                "its update is skipped.", node, exc)
+            return None
+        if set(state) != set(keys):
+            log(WARNING, "aggregate_train: node %d sent keys %s..., expected those of its plan "
+                "%s; its update is skipped.", node, sorted(set(state) ^ set(keys))[:3], plan)
+            return None
+        return SegmentUpdate(str(node), plan, to_global(state, keys),
+                             float(metrics[KEY_NUM_EXAMPLES]),  # type: ignore[arg-type]
+                             to_global(masks, keys) if masks else None)
+
+    def client_rows(self, valid: Iterable[Message]) -> list[dict[str, Any]]:
+        """One row per reply for ``clients.jsonl``: its metrics, node, cut and mode."""
+        return [
+            dict(rec) | {"node": m.metadata.src_node_id,
+                         **({"cut": self.sent[m.metadata.src_node_id].plan.cut,
+                             "mode": self.sent[m.metadata.src_node_id].plan.mode}
+                            if m.metadata.src_node_id in self.sent else {})}
+            for m in valid for rec in m.content.metric_records.values()]
+
+    def close(self, stats: RoundStats, traffic: dict[str, Traffic],
+              updates: list[SegmentUpdate]) -> list[SegmentUpdate]:
+        """Record the channel's traffic and move the data cursors of the clients that
+        finished; returns the updates of the clients that trained alone (``full``)."""
+        stats.traffic = traffic
+        for node, t in stats.traffic.items():
+            if t.finished:  # a client that dropped out redoes its samples
+                self.directory.advance(int(node), t.examples)
+        full = [u for u in updates if u.plan is not None and not u.plan.uses_channel]
+        for u in full:  # clients that trained alone: their reply says how far they got
+            self.directory.advance(int(u.source), int(u.weight))
+        return full
