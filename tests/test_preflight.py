@@ -156,3 +156,17 @@ def test_image_folder_passes_data_checks_and_counts_its_classes(tmp_path, hf_cac
     assert len(problems) == 2  # train and test
     assert all("3 classes (cat, dog, frog)" in p and "model.num-labels=3" in p
                for p in problems)
+
+
+def test_simulate_refuses_bad_data_before_starting_ray(tmp_path, hf_cache):
+    import ray
+
+    from fedsplit.simulate import simulate
+
+    f = _write(tmp_path / "d" / "train.tsv", "sentence\tlabel\ngood\tfive\nbad\tone\nmeh\ttwo\n")
+    out = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="`data.train`") as err:
+        simulate("configs/sst2_minilm.yaml", [f"data.train=[{f}]", f"data.test=[{f}]",
+                                              f"run.output-dir={out}"])
+    assert "model.num-labels" in str(err.value)  # 3 classes found, the model has 2: the fix
+    assert not ray.is_initialized() and not out.exists()  # Ray never started, nothing ran

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -94,7 +94,7 @@ class LoopHooks:
     after_step: Callable[[], None] | None = None
     meter: Any = None
     progress: Any = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device | None = None  # None: batches stay where the loader put them
 
     def counted(self) -> contextlib.AbstractContextManager[None]:
         """The meter's activation count around a forward, or nothing without a meter."""
@@ -107,7 +107,8 @@ class LoopHooks:
         from fedsplit.runtime import to_device
 
         for batch in batches:
-            batch = to_device(batch, self.device)
+            if self.device is not None:
+                batch = to_device(batch, self.device)
             if self.lr_at is not None:
                 self.lr_at(result.steps)
             yield batch

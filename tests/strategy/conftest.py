@@ -88,14 +88,15 @@ def flower_identity():
 
 def run_strategy(out: Any, name: str, *over: str, clients: int = 2, rounds: int = 1,
                  node_configs: list[dict[str, Any]] | None = None,
-                 run_name: str | None = None) -> tuple[Any, InlineGrid]:
+                 run_name: str | None = None,
+                 config: str = "configs/default.yaml") -> tuple[Any, InlineGrid]:
     """``serve`` one digits run of strategy ``name`` on an :class:`InlineGrid`;
     returns (the run writer, the grid)."""
     from fedsplit.config import load_config
     from fedsplit.server_app import strategy_factory
     from fedsplit.server.app import serve
 
-    cfg = load_config("configs/default.yaml", [
+    cfg = load_config(config, [
         f"strategy.name={name}", f"train.rounds={rounds}", f"run.output-dir={out}",
         f"run.name={run_name or name.replace(':', '-')}", "run.progress=false",
         f"data.max-train-samples={SAMPLES}", "data.max-test-samples=200", *over])
