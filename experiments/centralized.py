@@ -28,7 +28,7 @@ from fedsplit.models import build_model  # noqa: E402
 from fedsplit.optim import make_optimizer, set_lr  # noqa: E402
 from fedsplit.split import full_forward  # noqa: E402
 from fedsplit.runtime import seed_everything  # noqa: E402
-from fedsplit.tasks import prepare_run  # noqa: E402
+from fedsplit.prepare import prepare_run  # noqa: E402
 
 
 def samples_per_round(cfg: Any, clients: int) -> int:

@@ -96,8 +96,6 @@ class LocalLossMode(Mode):
         return True
 
     def client_module(self, layout: Any, plan: Any, aux: nn.Module | None) -> nn.Module:
-        from fedsplit.split.layout import LayoutError
-
         if aux is None:
             raise LayoutError("a local-loss client module needs its AuxHead")
         return LocalLossClient(layout.split(plan.cut).client, aux)

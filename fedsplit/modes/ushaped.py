@@ -29,6 +29,7 @@ from fedsplit.modes.base import (
     register_mode,
 )
 from fedsplit.optim import run_progress, set_lr
+from fedsplit.split.base import LayoutError
 from fedsplit.runtime import module_device
 
 
@@ -62,8 +63,6 @@ class UShapedMode(Mode):
 
     # ------------------------------------------------------------------ layout
     def check(self, layout: Any, plan: Any) -> None:
-        from fedsplit.split.layout import LayoutError
-
         assert plan.back_cut is not None
         if not plan.cut < plan.back_cut <= layout.hi:
             raise LayoutError(

@@ -27,7 +27,8 @@ from fedsplit.runtime import (
 from fedsplit.server import checkpoint
 from fedsplit.server.trainer import ServerTrainer
 from fedsplit.split.layout import client_layout
-from fedsplit.tasks import evaluate, prepare_run
+from fedsplit.prepare import prepare_run
+from fedsplit.tasks import evaluate
 
 # ``build_strategy(channel, cfg)``: the composition root (fedsplit.server_app) passes the
 # strategy factory, so this library module imports no app.

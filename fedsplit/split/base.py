@@ -38,6 +38,10 @@ class SplitError(ValueError):
     """A model cannot be split as asked (bad cut, unsupported model, tied weights)."""
 
 
+class LayoutError(SplitError):
+    """A plan asks for something the model's layout cannot give (cut, mode, back cut)."""
+
+
 @dataclass
 class Cut:
     """What crosses the cut from client to server for one batch.

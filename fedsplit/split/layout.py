@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from fedsplit.split.base import (
+    LayoutError,
     Batch,
     ServerSegment,
     SplitError,
@@ -46,10 +47,6 @@ from fedsplit.split.base import (
 )
 
 from fedsplit.modes import MODES, AuxHead, LocalLossClient, UShapedClient  # noqa: E402
-
-
-class LayoutError(SplitError):
-    """A plan asks for something the model's layout cannot give (cut, mode, back cut)."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from fedsplit.tasks.base import (
     TargetError,
     Task,
     build_task,
-    prepare_run,
 )
 from fedsplit.tasks.evaluate import evaluate
 
@@ -19,4 +18,4 @@ from fedsplit.tasks import classification as _classification  # noqa: E402,F401
 from fedsplit.tasks.classification import ClassificationObjective, ClassificationTask
 
 __all__ = ["TARGET_KEY", "TASKS", "ClassificationObjective", "ClassificationTask", "Objective",
-           "TargetError", "Task", "build_task", "evaluate", "prepare_run"]
+           "TargetError", "Task", "build_task", "evaluate"]
