@@ -5,8 +5,9 @@
     python experiments/vision.py --rows                           # print the stored table
 
 Every federated row runs ``configs/cifar10_resnet20.yaml`` (ResNet-20 cut after its first
-stage, 10 clients, 32 rounds x 25 steps x 64 images = 512,000 samples, about 10 epochs)
-and differs only in its overrides; ``centralized`` trains the unsplit model on the same
+stage, 10 clients, one sampled per round, 160 rounds x 50 steps x 64 images = 512,000
+samples, about 10 epochs) and differs only in its overrides (``*-10per``: all 10 clients
+every round, 32 rounds x 25 steps each: the same samples in 10x fewer sequential steps); ``centralized`` trains the unsplit model on the same
 number of samples with the same optimizer, schedule, batch size and augmentation
 (``experiments/centralized.py``). Cut-layer bytes are the split channel's exact frame
 counts, both directions, per trained sample; rounds per hour come from the rounds' wall
@@ -28,6 +29,8 @@ from fedsplit.config import load_config  # noqa: E402
 
 CONFIG = "configs/cifar10_resnet20.yaml"
 DIRICHLET = ["data.partitioner=dirichlet", "data.alpha=0.5"]
+TEN_PER_ROUND = ["train.fraction=1.0", "train.local-steps=25", "train.rounds=32",
+                 "eval.every=4"]
 Q8 = "{name: quantize, bits: 8, scale: per-channel}"
 ROWS: dict[str, list[str]] = {
     "sflv1-iid": [],
@@ -37,6 +40,8 @@ ROWS: dict[str, list[str]] = {
     "sflv2-dir05": ["strategy.name=sflv2", *DIRICHLET],
     "fedavg-dir05": ["strategy.name=fedavg", *DIRICHLET],
     # Codecs on the (B, 16, 32, 32) activations (gradients 8-bit in every compressed row).
+    "sflv1-iid-10per": TEN_PER_ROUND,
+    "fedavg-iid-10per": ["strategy.name=fedavg", *TEN_PER_ROUND],
     "sflv1-iid-q8": [f"codec.up=[{Q8}]", f"codec.down=[{Q8}]"],
     "sflv1-iid-topk10": ["codec.up=[{name: topk-mask, k: 0.1, bits: 2}]", f"codec.down=[{Q8}]"],
     "sflv1-iid-kltec2": ["codec.up=[{name: klt-ec, bits: 2}]", f"codec.down=[{Q8}]"],
@@ -51,7 +56,7 @@ def centralized_row(out: Path, clients: int, overrides: list[str]) -> dict:
         return json.loads(path.read_text())
     cfg = load_config(CONFIG, ["run.progress=false", *overrides])
     per_round = samples_per_round(cfg, clients)
-    result = train_centralized(cfg, per_round * cfg.train.rounds, eval_every=per_round * 4)
+    result = train_centralized(cfg, per_round * cfg.train.rounds, eval_every=64_000)
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
@@ -70,7 +75,7 @@ def summarize(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = row_parser(__doc__, None)
     parser.set_defaults(config=CONFIG, rounds=load_config(CONFIG).train.rounds,
-                        out="runs/bench")
+                        out="runs/vision")
     args = parser.parse_args(argv)
     names = list(ROWS) + [CENTRALIZED] if args.rows is None else args.rows
     unknown = [n for n in names if n not in ROWS and n != CENTRALIZED]
