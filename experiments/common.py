@@ -161,8 +161,9 @@ class FinishedModel:
                 logits = self.split.server(hidden, cut.side)
                 if on_logits is not None:
                     on_logits(step, logits)
-                correct += int((logits.argmax(-1) == batch["labels"]).sum())
-                total += len(batch["labels"])
+                targets = self.task.objective.targets(batch)
+                correct += self.task.objective.correct(logits, targets)
+                total += self.task.objective.count(targets)
         return 100.0 * correct / total
 
 

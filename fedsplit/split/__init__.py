@@ -1,6 +1,6 @@
 """Model splitting: cut a model into a client segment and a server segment.
 
-Entry points: :func:`split_model`, :func:`full_forward`, :func:`loss_fn`. Splitters
+Entry points: :func:`split_model`, :func:`full_forward`. Splitters
 register in :data:`SPLITTERS` (``sequential`` for ``nn.Sequential``, ``hf-encoder`` for
 Hugging Face encoders, whose per-family adapters live in :data:`HF_FAMILIES`).
 """
@@ -15,7 +15,6 @@ from fedsplit.split.base import (
     Splitter,
     cut_range,
     full_forward,
-    loss_fn,
     split_model,
 )
 from fedsplit.split.hf import HF_FAMILIES, EncoderFamily, HFEncoderSplitter
@@ -35,6 +34,5 @@ __all__ = [
     "Splitter",
     "cut_range",
     "full_forward",
-    "loss_fn",
     "split_model",
 ]

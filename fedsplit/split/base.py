@@ -6,7 +6,7 @@ and the loss, and sends back the gradient with respect to those activations::
 
     cut = client(batch)                         # Cut(hidden (B, ...), side {...})
     h_srv = cut.hidden.detach().requires_grad_()  # what arrives on the server
-    loss = loss_fn(server(h_srv, cut.side), batch["labels"])
+    loss = objective.loss(server(h_srv, cut.side), batch["labels"])
     loss.backward()                             # server parameters + h_srv.grad
     cut.hidden.backward(h_srv.grad)             # client parameters
 
@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedsplit.registry import Registry
@@ -194,8 +193,3 @@ def split_model(model: nn.Module, cut: int, splitter: str | None = None) -> Spli
 def full_forward(model: nn.Module, batch: Batch, splitter: str | None = None) -> torch.Tensor:
     """Logits ``(B, num_labels)`` of the unsplit ``model`` for ``batch``."""
     return _splitter_for(model, splitter).full_forward(model, batch)
-
-
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy, as Hugging Face single-label classification computes it."""
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1))

@@ -39,7 +39,6 @@ from fedsplit.split.base import (
     LayoutError,
     Batch,
     ServerSegment,
-    SplitError,
     SplitModel,
     cut_range,
     full_forward,

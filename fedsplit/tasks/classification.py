@@ -8,6 +8,11 @@ import torch.nn.functional as F
 from fedsplit.tasks.base import TASKS, Objective, Task, TargetError
 
 
+def cross_entropy(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy, as Hugging Face single-label classification computes it."""
+    return F.cross_entropy(output.view(-1, output.size(-1)), targets.view(-1))
+
+
 class ClassificationObjective(Objective):
     """Targets ``(B,)`` int64 in ``[0, num_labels)``; outputs ``(B, num_labels)`` logits."""
 
@@ -15,8 +20,7 @@ class ClassificationObjective(Objective):
         self.num_labels = int(num_labels)
 
     def loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # Mean cross-entropy, as Hugging Face single-label classification computes it.
-        return F.cross_entropy(output.view(-1, output.size(-1)), targets.view(-1))
+        return cross_entropy(output, targets)
 
     def correct(self, output: torch.Tensor, targets: torch.Tensor) -> int:
         return int((output.detach().argmax(-1) == targets).sum())

@@ -14,7 +14,8 @@ from fedsplit.models import build_model
 from fedsplit.optim import make_optimizer
 from fedsplit.server.trainer import ServerTrainer
 from fedsplit.tasks import ClassificationObjective
-from fedsplit.split import full_forward, loss_fn, split_model
+from fedsplit.split import full_forward, split_model
+from fedsplit.tasks.classification import cross_entropy as loss_fn
 
 from channel_helpers import bert_batches, channel_cfg, cnn_batches, tiny_bert, train_cfg
 

@@ -15,7 +15,8 @@ from fedsplit.models import build_model
 from fedsplit.optim import make_optimizer
 from fedsplit.server.trainer import Route, ServerTrainer
 from fedsplit.tasks import ClassificationObjective
-from fedsplit.split import full_forward, loss_fn
+from fedsplit.split import full_forward
+from fedsplit.tasks.classification import cross_entropy as loss_fn
 from fedsplit.split.layout import AuxHead, ClientPlan, ModelLayout
 
 from channel_helpers import bert_batches, channel_cfg, cnn_batches, tiny_bert, train_cfg

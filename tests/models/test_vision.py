@@ -11,7 +11,8 @@ from torch import nn
 from fedsplit.config import ModelConfig
 from fedsplit.models import MODELS, build_model
 from fedsplit.models.vision import BasicBlock, Shortcut, stage_cuts
-from fedsplit.split import cut_range, loss_fn, split_model
+from fedsplit.split import cut_range, split_model
+from fedsplit.tasks.classification import cross_entropy as loss_fn
 
 NAMES = ["resnet20", "resnet32", "resnet56", "resnet18", "vgg11", "lenet5"]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from fedsplit.split import SplitError, loss_fn
+from fedsplit.split import SplitError
+from fedsplit.tasks.classification import cross_entropy as loss_fn
 from fedsplit.split.bottleneck import split_with_bottleneck
 
 

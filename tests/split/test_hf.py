@@ -26,7 +26,8 @@ from transformers import (
 
 from fedsplit.config import ModelConfig, project_root
 from fedsplit.models import build_model
-from fedsplit.split import SplitError, cut_range, full_forward, loss_fn, split_model
+from fedsplit.split import SplitError, cut_range, full_forward, split_model
+from fedsplit.tasks.classification import cross_entropy as loss_fn
 
 TOL = 1e-5
 LAYERS = 4

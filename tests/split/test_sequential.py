@@ -10,7 +10,8 @@ from torch import nn
 
 from fedsplit.config import ModelConfig
 from fedsplit.models import build_model
-from fedsplit.split import SplitError, cut_range, full_forward, loss_fn, split_model
+from fedsplit.split import SplitError, cut_range, full_forward, split_model
+from fedsplit.tasks.classification import cross_entropy as loss_fn
 
 TOL = 1e-5
 
