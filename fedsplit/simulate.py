@@ -74,6 +74,30 @@ def simulate(config: str | None = None, overrides: list[str] | dict[str, Any] | 
     return run_dir
 
 
+_HANDLER_NAME = "fedsplit.simulate"
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Print fedsplit's log records once each, and leave every other logger as it is.
+
+    Flower's ``flwr`` logger prints through its own console handler and also propagates to
+    the root logger, so a root handler (``logging.basicConfig``) printed each Flower line a
+    second time, plus Flower's and other libraries' DEBUG/INFO records (SQLAlchemy and
+    alembic start-up, Flower internals). Only the ``fedsplit`` logger (every fedsplit
+    module's logger is a child of it) gets a handler here, and it does not propagate; the
+    root logger keeps no handler, so other libraries' warnings still print once (Python's
+    last-resort handler). Calling this again adds nothing.
+    """
+    logger = logging.getLogger("fedsplit")
+    logger.setLevel(level)
+    logger.propagate = False
+    if not any(h.get_name() == _HANDLER_NAME for h in logger.handlers):
+        handler = logging.StreamHandler()  # stderr, like Flower's console handler
+        handler.set_name(_HANDLER_NAME)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of a GPU per client actor (0 = none; 0.25 = 4 per GPU)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging()
     try:
         run_dir = simulate(args.config, args.overrides, args.clients, args.cpus_per_client,
                            gpus_per_client=args.gpus_per_client)
