@@ -81,7 +81,7 @@ def encode_segment(cfg: Any, layout: ModelLayout, plan: ClientPlan, aux: nn.Modu
     module = layout.client_module(plan, aux=aux)  # type: ignore[arg-type]
     own_extras = {name: m for name, m in extras.items() if m is aux} if aux is not None else {}
     keys = layout.key_map(module, own_extras)
-    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     masks = None
     if global_masks:
         masks = {k: global_masks[g] for k, g in keys.items() if g in global_masks}

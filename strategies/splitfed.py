@@ -172,7 +172,8 @@ class SplitFedAvg(FedAvg):
         so it is the same in a resumed run and does not depend on random node ids.
         """
         self.discover(grid)
-        by_key = {k: n for n, k in self.keys.items() if n in set(grid.get_node_ids())}
+        online = set(grid.get_node_ids())  # once: each call asks Flower's link state
+        by_key = {k: n for n, k in self.keys.items() if n in online}
         size = max(int(len(by_key) * self.fraction_train), self.min_train_nodes)
         size = min(size, len(by_key))
         rng = random.Random(f"{self.cfg.run.seed}-{server_round}")
@@ -276,13 +277,15 @@ class SplitFedAvg(FedAvg):
         return None
 
     def global_state(self, clone: bool = False) -> dict[str, torch.Tensor]:
-        """The global model and extras, in global keys (``clone``: a snapshot, else views
-        of the live tensors)."""
+        """The global model and extras, in global keys, on the CPU where aggregation runs
+        (``clone``: a snapshot; else, for a model on the CPU, views of the live tensors)."""
         layout = self._require_layout()
         state = dict(layout.root.state_dict())
         for name, module in self.extras.items():
             state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
-        return {k: v.detach().clone() for k, v in state.items()} if clone else state
+        if clone:
+            return {k: v.detach().cpu().clone() for k, v in state.items()}
+        return {k: v.detach().cpu() for k, v in state.items()}
 
     def load_global_state(self, state: Mapping[str, torch.Tensor]) -> None:
         layout = self._require_layout()
@@ -294,7 +297,7 @@ class SplitFedAvg(FedAvg):
         """The client segment at ``model.cut`` (what checkpoints store with the trainer's
         server segment; together they are the whole global model)."""
         layout = self._require_layout()
-        return ArrayRecord({k: v.detach().clone()
+        return ArrayRecord({k: v.detach().cpu().clone()
                             for k, v in layout.split(layout.default_cut).client.state_dict().items()})
 
     # ------------------------------------------------------------------ run loop, state

@@ -188,7 +188,8 @@ class ServerTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The global server segment (and the shared copy's optimizer state)."""
-        state: dict[str, Any] = {"segment": self.segment.state_dict()}
+        state: dict[str, Any] = {"segment": {k: v.cpu() for k, v in
+                                             self.segment.state_dict().items()}}
         if self._shared_optimizer is not None:
             state["optimizer"] = self._shared_optimizer.state_dict()
         return state
@@ -270,7 +271,9 @@ class ServerTrainer:
                 return  # trained no batch: nothing to fold
             self.finished.append(client)
         with rep.lock:
-            state = to_global(rep.module.state_dict(), rep.keys)
+            # Aggregation runs on the CPU, whatever run.device is (clients' copies are there).
+            state = to_global({k: v.cpu() for k, v in rep.module.state_dict().items()},
+                              rep.keys)
         with self._lock:
             self._sums.add(state, float(num_examples))
 
@@ -299,14 +302,14 @@ class ServerTrainer:
                 for key in shared.keys.values():
                     weights[key] = weights.get(key, 0.0) + shared.examples
             if any(weights.values()):
-                state = self.layout.root.state_dict()
+                state = {k: v.cpu() for k, v in self.layout.root.state_dict().items()}
                 by_weight: dict[float, list[str]] = {}
                 for key, weight in weights.items():
                     by_weight.setdefault(weight, []).append(key)
                 for weight, keys in by_weight.items():
                     sums.add({k: state[k] for k in keys}, weight)
             if fold and sums.keys():
-                current = self.layout.root.state_dict()
+                current = {k: v.cpu() for k, v in self.layout.root.state_dict().items()}
                 new, _ = sums.result(current)
                 self.layout.root.load_state_dict(new)
             metrics = {"server_replicas_peak": float(self.live_peak),
