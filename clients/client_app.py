@@ -5,12 +5,17 @@ training mode: split, local-loss, u-shaped or full), the resolved run config wit
 client's overrides, the split channel's address and this client's token and seed. The
 client loads its data partition, trains (against the channel, or alone in ``full``
 mode), and replies with what it trained and its metrics.
+
+What is the same for every message of a run (the parsed config, the raw train set and
+its partitions, the task with its tokenizer, the built model) is kept by this worker
+process between messages (:mod:`clients.cache`), so a message does only its own work.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +23,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import cache
 from clients.lightweight import SegmentCompression
 from clients.memory import MemoryMeter
 from clients.trainer import Cursor, schedule, with_sample_ids
 from fedsplit.channel import SplitChannelClient
+from fedsplit.channel.client import open_channel
 from fedsplit.config import load_config
 from fedsplit.deploy.data import NODE_DATA_PATH, load_device_partition
 from fedsplit.models import build_model
@@ -44,7 +51,7 @@ from fedsplit.protocol import (
 )
 from fedsplit.pruning import token_counts, token_embedding
 from fedsplit.runtime import resolve_device
-from fedsplit.split.layout import ClientPlan, client_layout
+from fedsplit.split.layout import ClientPlan, ModelLayout, client_layout
 from fedsplit.split.norm import load_norm_state, norm_state
 from fedsplit.sync import decode_global
 from fedsplit.tasks import Task, build_task
@@ -70,8 +77,11 @@ def partition_of(context: Context) -> tuple[int, int]:
         ) from None
 
 
-def client_partition(task: Task, context: Context) -> Any:
-    """This node's raw training data.
+RunKey = tuple[int, str]
+
+
+def client_partition(task: Task, context: Context, run: RunKey) -> Any:
+    """This node's raw training data (kept per run, data config and partition).
 
     Deployment: node config ``data-path`` names a partition written by
     ``fedsplit-deploy prepare-data`` and copied to the device; it is loaded as it is
@@ -79,12 +89,34 @@ def client_partition(task: Task, context: Context) -> Any:
     Simulation: partition ``partition-id`` of ``num-partitions`` of the configured train
     set (node config set by the simulation).
     """
+    cfg, kept = task.cfg, cache.CACHE
     data_path = str(context.node_config.get(NODE_DATA_PATH, "") or "")
     if data_path:
-        return load_device_partition(data_path, task.cfg)
+        return kept.partitions.get((run, "device", data_path, cache.digest(cfg.data)),
+                                   lambda: load_device_partition(data_path, cfg))
     pid, num_partitions = partition_of(context)
-    train_set, _ = task.datasets()
-    return task.partition(train_set, pid, num_partitions)
+    # What Task.datasets/partition read: the data and task sections, seed, label count.
+    data_key = (run, type(task).__name__, cache.digest(cfg.data), cache.digest(cfg.task),
+                cfg.run.seed, cfg.model.num_labels)
+    train_set = kept.train_sets.get(data_key, lambda: task.datasets()[0])
+    task.attach(train_set)
+
+    def split() -> Any:  # the split over all clients, computed once (then only read)
+        partitioner = task.partitioner(train_set, num_partitions)
+        partitioner.load_partition(0)
+        return partitioner
+
+    partitioner = kept.partitioners.get((data_key, num_partitions), split)
+    return kept.partitions.get((data_key, pid, num_partitions),
+                               lambda: partitioner.load_partition(pid))
+
+
+def build_layout(cfg: Any) -> ModelLayout:
+    """The model ``model`` describes and its layout, weights to be loaded. Built outside
+    the client's random stream: a message's dropout draws must not depend on whether
+    this worker had the model already."""
+    with torch.random.fork_rng(devices=[]):
+        return client_layout(build_model(cfg.model, pretrained=False), cfg)
 
 
 def root_certificates(cfg: Any, context: Context) -> bytes | None:
@@ -129,21 +161,42 @@ def round_config(config: ConfigRecord) -> tuple[Any, ClientPlan]:
     return load_config(overrides=flat), plan
 
 
+def config_key(config: ConfigRecord, run: RunKey) -> tuple[Any, ...]:
+    """What :func:`round_config` depends on: the run (its config), the client's overrides
+    and its plan."""
+    return (run, cache.digest(str(config.get(KEY_OVERRIDES, "{}"))),
+            str(config.get(KEY_PLAN, "")))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    start = time.perf_counter()
     config = msg.content["config"]
-    cfg, plan = round_config(config)
+    run = cache.run_key(context.run_id, str(config[KEY_RUN_CONFIG]))
+    key, kept = config_key(config, run), cache.CACHE
+    cfg, plan = kept.configs.get(key, lambda: round_config(config))
+    with ExitStack() as lent:  # this message's own task and model, given back on success
+        task = lent.enter_context(kept.tasks.borrow(key, lambda: build_task(cfg)))
+        layout = lent.enter_context(kept.layouts.borrow(
+            (run, cache.digest(cfg.model)), lambda: build_layout(cfg)))
+        reply = train_round(msg, context, cfg, plan, task, layout, run, start)
+        layout.root.zero_grad(set_to_none=True)  # an idle model keeps no gradients
+        return reply
+
+
+def train_round(msg: Message, context: Context, cfg: Any, plan: ClientPlan, task: Task,
+                layout: ModelLayout, run: RunKey, start: float) -> Message:
+    """One local round: load the sent weights into ``layout``'s model, train this round's
+    samples of the partition, reply with the trained segment and the metrics."""
+    config = msg.content["config"]
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     pid = int(context.node_config.get("partition-id", 0))
     server_round = int(config[KEY_ROUND])
-    start = time.perf_counter()
 
     torch.manual_seed(int(config[KEY_SEED]))  # client-side dropout repeats in a rerun
     device = resolve_device(cfg.run.device)
-    task = build_task(cfg)
-    part = client_partition(task, context)
-    layout = client_layout(build_model(cfg.model, pretrained=False), cfg)
+    part = client_partition(task, context, run)
     reference = decode_global(msg.content["arrays"])  # exactly what the server sent
     mode = plan.kind
     aux = AuxHead.from_state(reference, "aux.") if mode.needs_aux() else None
@@ -179,10 +232,13 @@ def train(msg: Message, context: Context) -> Message:
     channel = None
     if plan.uses_channel:
         codec_up, codec_down = json.loads(str(config[KEY_CODECS]))
-        channel = SplitChannelClient(str(config[KEY_ADDRESS]), str(config[KEY_TOKEN]),
-                                     int(config[KEY_SEED]), codec_up, codec_down,
-                                     max_message_mb=cfg.channel.max_message_mb,
-                                     root_certificates=root_certificates(cfg, context))
+        address, certs = str(config[KEY_ADDRESS]), root_certificates(cfg, context)
+        connection = cache.CACHE.channels.get(  # one connection per run and server
+            (run, address, cache.digest(certs.hex() if certs else ""),
+             cfg.channel.max_message_mb),
+            lambda: open_channel(address, cfg.channel.max_message_mb, certs))
+        channel = SplitChannelClient(address, str(config[KEY_TOKEN]), int(config[KEY_SEED]),
+                                     codec_up, codec_down, channel=connection)
     progress = None
     if cfg.run.progress:
         from tqdm import tqdm

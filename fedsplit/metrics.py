@@ -5,7 +5,9 @@
     ``metrics.jsonl``  one JSON object per round: round, accuracy, loss, bytes_up,
                        bytes_down, seconds, and the detailed counters
     ``clients.jsonl``  one JSON object per client per round (what each client reported)
-    ``metrics.png``    accuracy against round and against cumulative bytes
+    ``metrics.png``    accuracy against round and against cumulative bytes (redrawn at
+                       most every :attr:`RunWriter.plot_interval` seconds while the run
+                       goes, and at its end)
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from fedsplit.paths import project_root
 
 
 class RunWriter:
+    # Drawing the plot costs ~0.3 s, as much as a whole round of 10 small clients: a run
+    # of short rounds redraws it at most this often (and always at the end, :meth:`close`).
+    plot_interval = 30.0
+
     def __init__(self, cfg: Any, resume: bool = False) -> None:
         name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
         base = Path(cfg.run.output_dir).expanduser()
@@ -34,6 +40,7 @@ class RunWriter:
             self.metrics_path.write_text("")
             self.clients_path.write_text("")
         self.rows: list[dict[str, Any]] = []
+        self._plotted = -float("inf")  # time.monotonic() of the last plot
 
     def write_classes(self, ds: Any, label_column: str) -> Path | None:
         """``classes.json``: the class names of the label column, in label order (only
@@ -62,12 +69,18 @@ class RunWriter:
         with self.clients_path.open("a") as f:
             for c in clients:
                 f.write(json.dumps(c) + "\n")
+        if time.monotonic() - self._plotted >= self.plot_interval:
+            self.plot()
+
+    def close(self) -> None:
+        """The run ended: draw the plot of all its rounds."""
         self.plot()
 
     def plot(self) -> Path | None:
         rows = [r for r in self.rows if r.get("accuracy") is not None]
         if not rows:
             return None
+        self._plotted = time.monotonic()
         return plot_accuracy([("fedsplit", rows)], self.dir / "metrics.png")
 
 

@@ -39,20 +39,33 @@ class StepReply:
     correct: int
 
 
+def open_channel(address: str, max_message_mb: int = 256,
+                 root_certificates: bytes | None = None) -> grpc.Channel:
+    """A gRPC channel to the split channel at ``address`` (TLS when ``root_certificates``
+    is given). One channel can carry many clients' sessions: each frame has its token."""
+    limit = max_message_mb * 1024 * 1024
+    options = [("grpc.max_receive_message_length", limit),
+               ("grpc.max_send_message_length", limit)]
+    if root_certificates is not None:
+        creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        return grpc.secure_channel(address, creds, options=options)
+    return grpc.insecure_channel(address, options=options)
+
+
 class SplitChannelClient:
-    """Sends cut activations, receives cut gradients; counts bytes both ways."""
+    """Sends cut activations, receives cut gradients; counts bytes both ways.
+
+    ``channel``: an open gRPC channel to ``address`` (:func:`open_channel`) to use, e.g.
+    one a worker keeps for the run; its owner closes it. ``None``: this client opens its
+    own and :meth:`close` closes it.
+    """
 
     def __init__(self, address: str, token: str, seed: int, codec_up: Any = "identity",
                  codec_down: Any = "identity", max_message_mb: int = 256,
-                 root_certificates: bytes | None = None, timeout: float = 600.0) -> None:
-        limit = max_message_mb * 1024 * 1024
-        options = [("grpc.max_receive_message_length", limit),
-                   ("grpc.max_send_message_length", limit)]
-        if root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self._channel = grpc.secure_channel(address, creds, options=options)
-        else:
-            self._channel = grpc.insecure_channel(address, options=options)
+                 root_certificates: bytes | None = None, timeout: float = 600.0,
+                 channel: grpc.Channel | None = None) -> None:
+        self._own_channel = channel is None
+        self._channel = channel or open_channel(address, max_message_mb, root_certificates)
         self._step_rpc = self._channel.unary_unary(STEP_METHOD)
         self._finish_rpc = self._channel.unary_unary(FINISH_METHOD)
         self._back_rpc = self._channel.unary_unary(BACK_METHOD)
@@ -220,7 +233,8 @@ class SplitChannelClient:
         if self._sender is not None:
             self._sender.shutdown(wait=True, cancel_futures=True)
             self._sender = None
-        self._channel.close()
+        if self._own_channel:
+            self._channel.close()
 
     def __enter__(self) -> SplitChannelClient:
         return self

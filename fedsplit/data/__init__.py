@@ -35,6 +35,7 @@ from fedsplit.data.partition import (
     ClassShardPartitioner,
     NaturalIdShardPartitioner,
     ShuffledIidPartitioner,
+    assigned_partitioner,
     load_partition,
     make_partitioner,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "ImageBatches",
     "NaturalIdShardPartitioner",
     "ShuffledIidPartitioner",
+    "assigned_partitioner",
     "check_labels",
     "class_names",
     "decode_images",

@@ -291,19 +291,32 @@ def make_partitioner(data_cfg: Any, num_partitions: int, seed: int, *,
                     "choose one of iid, dirichlet, natural, classes")
 
 
+def assigned_partitioner(data_cfg: Any, train: datasets.Dataset, num_partitions: int,
+                         seed: int) -> Partitioner:
+    """The partitioner ``data_cfg`` names, over ``train``: its ``load_partition(i)`` is
+    :func:`load_partition` of client ``i``, for every ``i`` (the split is computed on the
+    first call, then only looked up: keep one for all the clients of a run).
+
+    For small train sets the Dirichlet minimum client size drops below
+    :data:`MIN_PARTITION_SIZE` (to a twentieth of the average client size, at least 1) so
+    that a draw stays possible.
+    """
+    min_size = max(1, min(MIN_PARTITION_SIZE, len(train) // (20 * num_partitions)))
+    partitioner = make_partitioner(data_cfg, num_partitions, seed, min_partition_size=min_size)
+    partitioner.dataset = train
+    return partitioner
+
+
 def load_partition(data_cfg: Any, train: datasets.Dataset, partition_id: int,
                    num_partitions: int, seed: int) -> datasets.Dataset:
     """The train examples of client ``partition_id`` out of ``num_partitions``.
 
-    Deterministic in (``train``, ``num_partitions``, ``seed``). For small train sets
-    the Dirichlet minimum client size drops below :data:`MIN_PARTITION_SIZE` (to a
-    twentieth of the average client size, at least 1) so that a draw stays possible.
+    Deterministic in (``train``, ``num_partitions``, ``seed``); see
+    :func:`assigned_partitioner`.
     """
     _check_partition_id(partition_id, num_partitions)
-    min_size = max(1, min(MIN_PARTITION_SIZE, len(train) // (20 * num_partitions)))
-    partitioner = make_partitioner(data_cfg, num_partitions, seed, min_partition_size=min_size)
-    partitioner.dataset = train
-    return partitioner.load_partition(partition_id)
+    return assigned_partitioner(data_cfg, train, num_partitions, seed).load_partition(
+        partition_id)
 
 
 def _check_partition_id(partition_id: int, num_partitions: int) -> None:

@@ -29,6 +29,7 @@ from fedsplit.server.trainer import ServerTrainer
 from fedsplit.split.layout import client_layout
 from fedsplit.prepare import prepare_run
 from fedsplit.tasks import evaluate
+from fedsplit.tasks.evaluate import reusable_batches
 
 # ``build_strategy(channel, cfg)``: the composition root (fedsplit.server_app) passes the
 # strategy factory, so this library module imports no app.
@@ -75,7 +76,8 @@ def _serve(grid: Grid, cfg: DictConfig, build_strategy: StrategyFactory) -> RunW
     layout.root.to(device)
     split = layout.split(cfg.model.cut)
     encoded_test = task.encode(test_set)
-    test_loader = task.loader(encoded_test, cfg.eval.batch_size, shuffle=False)
+    test_loader = reusable_batches(task.loader(encoded_test, cfg.eval.batch_size,
+                                               shuffle=False))
     trainer = ServerTrainer(split.server, cfg.train, task.objective, layout=layout)
     # One real batch of the training batch size: the strategy's probe (aux-head sizes,
     # frame bytes), and, at every cut, what the channel should expect activations to look like.
@@ -149,6 +151,7 @@ def _serve(grid: Grid, cfg: DictConfig, build_strategy: StrategyFactory) -> RunW
                 "bytes_down": stats.cut_bytes_down + stats.sync_bytes_down,
                 "seconds": seconds,
                 "train_seconds": stats.trained - stats.started,
+                "time": time.time(),  # when the round ended (wall clock, Unix seconds)
                 "examples": stats.examples,
                 "cut_bytes_up": stats.cut_bytes_up,
                 "cut_bytes_down": stats.cut_bytes_down,
@@ -178,4 +181,5 @@ def _serve(grid: Grid, cfg: DictConfig, build_strategy: StrategyFactory) -> RunW
         strategy.start(grid, initial, num_rounds=cfg.train.rounds,
                        timeout=cfg.train.round_timeout, evaluate_fn=evaluate_fn,
                        start_round=start_round, on_round_end=on_round_end)
+    writer.close()
     return writer

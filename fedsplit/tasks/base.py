@@ -113,12 +113,19 @@ class Task:
         self.attach(train)
         return train, test
 
+    def partitioner(self, train: Any, num_partitions: int) -> Any:
+        """How the (raw) training set is split over ``num_partitions`` clients: an object
+        whose ``load_partition(i)`` is client ``i``'s share. A ClientApp worker keeps one
+        per run for all the clients it serves, so a task that partitions its own way
+        overrides this, not :meth:`partition`."""
+        from fedsplit.data import assigned_partitioner
+
+        return assigned_partitioner(self.cfg.data, train, num_partitions,
+                                    seed=self.cfg.run.seed)
+
     def partition(self, train: Any, partition_id: int, num_partitions: int) -> Any:
         """This client's share of the (raw, not yet encoded) training set."""
-        from fedsplit.data import load_partition
-
-        return load_partition(self.cfg.data, train, partition_id, num_partitions,
-                              seed=self.cfg.run.seed)
+        return self.partitioner(train, num_partitions).load_partition(partition_id)
 
     def encode(self, ds: Any) -> Any:
         """Model-ready rows (tokenized text, decoded images); raw rows of one split."""

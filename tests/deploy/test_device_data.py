@@ -14,6 +14,8 @@ from fedsplit.data import DataError
 from fedsplit.deploy.data import load_device_partition, prepare_device_data
 from fedsplit.tasks import build_task
 
+RUN = (1, "device-data-test")  # the (run id, config digest) key of clients.cache
+
 
 def _context(**node_config) -> Context:
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
@@ -35,7 +37,7 @@ def test_partitions_are_the_simulation_partitions(written):
     for p in parts:
         expected = task.partition(train, p.device, 3)
         # The ClientApp with `data-path` gets exactly what simulation computes.
-        got = client_partition(task, _context(**{"data-path": str(p.path)}))
+        got = client_partition(task, _context(**{"data-path": str(p.path)}), RUN)
         assert len(got) == len(expected) == p.examples
         assert got["label"] == expected["label"]
         assert np.array_equal(np.asarray(got["x"]), np.asarray(expected["x"]))
@@ -45,7 +47,7 @@ def test_partitions_are_the_simulation_partitions(written):
 def test_without_data_path_the_simulation_path_is_unchanged(written):
     cfg, _, parts = written
     task = build_task(cfg)
-    got = client_partition(task, _context(**{"partition-id": 1, "num-partitions": 3}))
+    got = client_partition(task, _context(**{"partition-id": 1, "num-partitions": 3}), RUN)
     assert len(got) == parts[1].examples
 
 
