@@ -175,7 +175,38 @@ def _check_strategy_section(flat: Mapping[str, Any]) -> list[str]:
     return check_strategy(flat["strategy.name"], flat["strategy.options"], flat)
 
 
+def _check_server_batching(flat: Mapping[str, Any]) -> list[str]:
+    """``server.batch-clients`` batches the steps of one *shared* server segment, trained
+    through the server's step of clients that send their targets (``split``,
+    ``local-loss``): refuse it where the strategy's route or mode has no such steps."""
+    value = flat["server.batch-clients"]
+    if not isinstance(value, int) or value <= 1:
+        return []  # off, or a bad value the schema reports
+    try:
+        cls = resolve_strategy(flat["strategy.name"])
+        options = strategy_options(flat["strategy.options"])
+    except StrategyError:
+        return []  # reported by _check_strategy_section
+    from fedsplit.modes import MODES
+
+    route = cls.fixed_segments or options.get("server_segments") or "replica"
+    mode = MODES.get(cls.mode)
+    why = None
+    if not (mode.uses_channel and mode.sends_targets):
+        why = (f"{cls.__name__}'s clients train in mode {cls.mode!r}, whose batches do not "
+               "train through the server's step")
+    elif route != "shared":
+        why = (f"{cls.__name__} trains a server replica per client (route {route!r}), so "
+               "no two clients' batches share a server step")
+    if why is None:
+        return []
+    return [f"`server.batch-clients`: {why}; it batches SFLV2's one shared segment: use "
+            "strategy.name=sflv2 (or splitfed with server-segments: shared), or set "
+            "server.batch-clients=0"]
+
+
 # The library validates strategy settings through this hook: it imports no app.
 from fedsplit.config import register_check  # noqa: E402
 
 register_check(_check_strategy_section)
+register_check(_check_server_batching)

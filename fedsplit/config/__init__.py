@@ -35,6 +35,7 @@ from fedsplit.config.schema import (
     PruneConfig,
     QuantConfig,
     RunConfig,
+    ServerConfig,
     StrategyConfig,
     TaskConfig,
     TrainConfig,
@@ -49,7 +50,8 @@ from fedsplit.paths import project_root, resolve_path
 __all__ = [
     "AUGMENTATIONS", "CONFIG_FILE_KEY", "RENAMED", "UNSET", "ChannelConfig", "CodecConfig",
     "ConfigError", "DataConfig", "EvalConfig", "FedsplitConfig", "FleetConfig", "ModelConfig",
-    "PruneConfig", "QuantConfig", "RunConfig", "StrategyConfig", "TaskConfig", "TrainConfig",
+    "PruneConfig", "QuantConfig", "RunConfig", "ServerConfig", "StrategyConfig", "TaskConfig",
+    "TrainConfig",
     "build_config", "default_flat", "kebab", "load_config", "parse_overrides", "project_root",
     "read_flat", "register_check", "resolve_config_path", "resolve_path", "schema_fields",
     "sections", "snake", "to_flat", "to_yaml",

@@ -170,9 +170,11 @@ class EvalConfig:
 @dataclass
 class ChannelConfig:
     host: str = _f("127.0.0.1", "Interface the split channel listens on "
-                   "(0.0.0.0 for real devices).")
+                   "(0.0.0.0 for real devices and Ray clusters).")
     port: int = _f(0, "Port of the split channel (0 = any free port).", lo=0, hi=65535)
-    address: str = _f("", "Address clients dial (host:port); empty = host:port as bound.")
+    address: str = _f("", "Address clients dial: host:port, or a host alone (with the "
+                      "bound port); empty = host:port as bound (host 0.0.0.0 with "
+                      "--ray-address: this machine's Ray node IP).")
     max_message_mb: int = _f(256, "Largest request/response the channel accepts, MiB.", lo=1)
     workers: int = _f(8, "Threads serving channel requests.", lo=1)
     tls_cert: str = _f("", "Server certificate (PEM) for the channel; set with tls-key to "
@@ -180,6 +182,21 @@ class ChannelConfig:
     tls_key: str = _f("", "Private key (PEM) of tls-cert.")
     root_cert: str = _f("", "CA certificate (PEM) clients use to verify the channel; a "
                         "SuperNode's node config `root-certificates` takes precedence.")
+
+
+@dataclass
+class ServerConfig:
+    batch_clients: int = _f(0, "SFLV2 (one shared server segment) only: train the batches of up "
+                            "to this many clients whose step requests wait for the segment at the "
+                            "same moment (queued when its lock frees; no timer) as one "
+                            "forward/backward and one optimizer step on their concatenation (the "
+                            "mean loss of the union); each client gets its own loss and its "
+                            "slice of the cut gradient, scaled to what its own step on the same "
+                            "weights would give. Fewer, larger server steps: at the same "
+                            "`train.lr` the segment moves less per sample. Text is padded to "
+                            "the group's longest sequence; a server segment with BatchNorm is "
+                            "refused. 0 or 1 = off (one step per batch, in arrival order). See "
+                            "fedsplit/server/batching.py.", lo=0)
 
 
 @dataclass
@@ -271,6 +288,7 @@ class FedsplitConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)

@@ -78,7 +78,8 @@ def _serve(grid: Grid, cfg: DictConfig, build_strategy: StrategyFactory) -> RunW
     encoded_test = task.encode(test_set)
     test_loader = reusable_batches(task.loader(encoded_test, cfg.eval.batch_size,
                                                shuffle=False))
-    trainer = ServerTrainer(split.server, cfg.train, task.objective, layout=layout)
+    trainer = ServerTrainer(split.server, cfg.train, task.objective, layout=layout,
+                            batch_clients=cfg.server.batch_clients)
     # One real batch of the training batch size: the strategy's probe (aux-head sizes,
     # frame bytes), and, at every cut, what the channel should expect activations to look like.
     sample_batch = to_device(

@@ -21,7 +21,9 @@ the trainer's :class:`~fedsplit.split.layout.ModelLayout`) and where its batches
     under concurrent clients); its optimizer state persists across rounds. Updates from
     a client that later drops out are kept: they are already mixed into the shared
     copy and cannot be separated (the documented SFLV2 policy). Clients at different
-    cuts share the layers they have in common.
+    cuts share the layers they have in common. With ``server.batch-clients`` the
+    requests waiting for the lock at the same moment train as one step on their
+    concatenation (:mod:`fedsplit.server.batching`: policy, dynamics, errors).
 
 At round end (:meth:`ServerTrainer.end_round`) the server's copies are averaged layer by
 layer into the global model (with one cut for everyone: SFLV1's average of replicas, or
@@ -42,6 +44,7 @@ from torch import nn
 from fedsplit.modes import BadStepError
 from fedsplit.optim import make_optimizer, run_progress, set_lr
 from fedsplit.runtime import module_device
+from fedsplit.server.batching import StepBatcher, StepRequest, train_group
 from fedsplit.server.layerwise import LayerSums, to_global
 from fedsplit.split import SplitModel
 from fedsplit.split.layout import ClientPlan, LayoutError, ModelLayout
@@ -109,11 +112,14 @@ class ServerTrainer:
     default_segments
         Where clients without a route this round go: ``"replica"`` (SFLV1) or
         ``"shared"`` (SFLV2). Strategies route every client they sample.
+    batch_clients
+        ``server.batch-clients``: train the requests of up to this many clients waiting
+        on a shared copy as one step (:mod:`fedsplit.server.batching`); 0 or 1 = off.
     """
 
     def __init__(self, segment: nn.Module | None, train_cfg: Any, objective: Objective,
                  *, layout: ModelLayout | None = None,
-                 default_segments: str = "replica") -> None:
+                 default_segments: str = "replica", batch_clients: int = 0) -> None:
         if default_segments not in SEGMENTS:
             raise LayoutError(f"default_segments {default_segments!r}: choose one of "
                               f"{', '.join(SEGMENTS)}")
@@ -140,6 +146,7 @@ class ServerTrainer:
         # forward awaiting its gradient); cleared when the client finishes or drops out.
         self.pending: dict[str, Any] = {}
         self._expected: dict[int, tuple[tuple[int, ...], bool]] = {}
+        self.batcher = StepBatcher(batch_clients, self.segment) if batch_clients > 1 else None
         self._reset_round()
 
     def expect_like(self, hidden: torch.Tensor, variable_length: bool = False,
@@ -249,14 +256,35 @@ class ServerTrainer:
         """Train on one batch whose targets came with it; ``step`` is the client's batch
         index in this round. ``want_grad=False`` (local-loss clients) skips the gradient
         at the cut."""
-        plan = self.route(client).plan
+        route = self.route(client)
+        plan = route.plan
         if not plan.kind.sends_targets:
             raise BadStepError(f"client {client} trains in mode {plan.mode!r}, which sends no "
                                "targets")
         self.check_batch(hidden, side, targets, plan.cut)
         c = self.copy_for(client)
+        if self.batcher is not None and route.segments == "shared":
+            variable = self._expected.get(plan.cut, ((), False))[1]
+            request = StepRequest(client, c, hidden, side, targets, step, want_grad, variable)
+            return self.batcher.submit(request, c.lock, self._train_group)
         with c.lock:
             return self._train_step(c, hidden, side, targets, step, want_grad)
+
+    def _train_group(self, group: list[StepRequest]) -> None:
+        """Train requests waiting on one shared copy (its lock held): one alone as :meth:`step`
+        does; several as one step on their concatenation, else one by one (own errors)."""
+        c = group[0].copy
+        outcome = train_group(self, c, group) if len(group) > 1 else None
+        if outcome is not None:
+            c.examples += sum(r.size for r in group)
+            for r, (grad, loss, correct) in zip(group, outcome, strict=True):
+                r.result = StepResult(grad=grad, loss=loss, correct=correct)
+            return
+        for r in group:
+            try:
+                r.result = self._train_step(c, r.hidden, r.side, r.targets, r.step, r.want_grad)
+            except BadStepError as exc:
+                r.error = exc
 
     def finish(self, client: str, num_examples: int) -> None:
         """The client completed its local training for this round."""
@@ -315,6 +343,9 @@ class ServerTrainer:
             metrics = {"server_replicas_peak": float(self.live_peak),
                        "server_replicas_dropped": float(dropped),
                        "server_examples": self._examples}
+            if self.batcher is not None:  # requests per shared step (1.0: none grouped)
+                steps, requests = self.batcher.take_counts()
+                metrics["server_group_size"] = requests / max(steps, 1)
             self._sums, self._examples = LayerSums(), 0.0
             for shared in self._shared.values():
                 shared.examples = 0
