@@ -7,6 +7,13 @@ before Flower does (Flower then uses it), retries a failed start once after remo
 the failed attempt left, and on the way out stops Ray and kills any of its processes still
 alive. Processes are found through ``/proc`` (Linux: simulation hosts, Raspberry Pi,
 Jetson); elsewhere the cleanup is Ray's own.
+
+That Ray is private: ``ray.init(address="local")``, since a plain ``ray.init()`` joins a
+cluster started by hand on this machine (``ray start``, recorded in
+``/tmp/ray/ray_current_cluster``) without a word: the simulation would then run on
+someone else's cluster, its resources and its settings. Joining a cluster is asked for
+explicitly: ``ray_runtime(address=...)`` attaches (:mod:`fedsplit.cluster`) and on the way
+out only disconnects: the cluster's processes are not this run's to stop.
 """
 
 from __future__ import annotations
@@ -107,6 +114,12 @@ def _ray_temp_dir() -> str:
         "/tmp" if sys.platform != "win32" else tempfile.gettempdir())
 
 
+def private_init_args(init_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``ray.init`` arguments of a private Ray: ``address="local"`` starts a new one, never
+    joining a cluster started by hand on this machine or named in ``RAY_ADDRESS``."""
+    return {"include_dashboard": False, "address": "local", **(init_args or {})}
+
+
 def start_ray(init_args: dict[str, Any] | None = None, attempts: int = 2) -> bool:
     """``ray.init`` as Flower's Ray backend calls it, retried; True if it started Ray.
 
@@ -122,7 +135,7 @@ def start_ray(init_args: dict[str, Any] | None = None, attempts: int = 2) -> boo
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    args = {"include_dashboard": False, **(init_args or {})}
+    args = private_init_args(init_args)
     error: BaseException | None = None
     before = ray_processes()
     for attempt in range(1, attempts + 1):
@@ -143,12 +156,42 @@ def start_ray(init_args: dict[str, Any] | None = None, attempts: int = 2) -> boo
         "machine too loaded for Ray's start-up timeouts.") from error
 
 
-@contextlib.contextmanager
-def ray_runtime(init_args: dict[str, Any] | None = None) -> Iterator[None]:
-    """Ray running for the body (started here unless already running); afterwards Ray is
-    shut down and its processes started meanwhile are gone, however the body ended."""
+def attach_ray(address: str, runtime_env: dict[str, Any] | None = None) -> None:
+    """Connect this process to the running Ray cluster at ``address`` (HOST:PORT)."""
     import ray
 
+    try:
+        ray.init(address=address, runtime_env=runtime_env)
+    except Exception as exc:  # noqa: BLE001 - any failure: say what to check
+        python = ".".join(map(str, sys.version_info[:3]))
+        raise RayStartError(
+            f"could not attach to the Ray cluster at {address}: {exc}. Check that `ray "
+            "start --head` runs there and that this is the address it printed (HEAD_IP:"
+            "PORT, port 6379 unless --port), that this machine reaches that port, and that "
+            f"every node runs the same Ray and Python as this one (Ray {ray.__version__}, "
+            f"Python {python}).") from exc
+
+
+@contextlib.contextmanager
+def ray_runtime(init_args: dict[str, Any] | None = None, address: str | None = None,
+                runtime_env: dict[str, Any] | None = None) -> Iterator[None]:
+    """Ray running for the body (started here unless already running); afterwards Ray is
+    shut down and its processes started meanwhile are gone, however the body ended.
+
+    With ``address`` the body runs attached to that cluster instead (``runtime_env``: the
+    job's, e.g. the code to ship); afterwards this process only disconnects, and the
+    cluster keeps running.
+    """
+    import ray
+
+    if address is not None:
+        attach_ray(address, runtime_env)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                ray.shutdown()  # a connected driver's shutdown stops nothing of the cluster
+        return
     before = ray_processes()
     started = start_ray(init_args)
     try:

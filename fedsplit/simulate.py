@@ -6,6 +6,12 @@ The ServerApp runs in this process and the ClientApps in Ray workers; Ray is shu
 when the run ends, so nothing is left running, also when Ray fails to start or the
 Simulation Runtime crashes (then the ServerApp stops waiting for clients at once instead of
 for ``train.round-timeout``). The run directory is printed at the end.
+
+On a running Ray cluster (several machines, README "Several machines"), run this on a
+node of it with ``--ray-address HEAD_IP:PORT`` (or ``RAY_ADDRESS``) and
+``channel.host=0.0.0.0``: the clients run on the cluster's nodes, and the cluster keeps
+running afterwards. Without either, a private Ray is started, never a cluster that runs
+on this machine.
 """
 
 from __future__ import annotations
@@ -17,21 +23,28 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from fedsplit.cluster import attach_problems, check_cluster, cluster_address, code_runtime_env
 from fedsplit.config import ConfigError, load_config, parse_overrides
 from fedsplit.preflight import preflight
-from fedsplit.ray_runtime import ray_runtime
+from fedsplit.ray_runtime import RayStartError, ray_runtime
 
 
 def simulate(config: str | None = None, overrides: list[str] | dict[str, Any] | None = None,
              clients: int = 2, cpus_per_client: float = 2.0,
-             ray_cpus: int | None = None, gpus_per_client: float = 0.0) -> Path:
+             ray_cpus: int | None = None, gpus_per_client: float = 0.0,
+             ray_address: str | None = None) -> Path:
     """Validate the config, run the simulation, return the run directory.
 
     ``gpus_per_client``: the share of a GPU Ray reserves for each client actor (e.g. 0.25:
     four clients share one GPU); the clients' segments then run on ``run.device``.
+    ``ray_address``: the Ray cluster to attach to (HOST:PORT); None: ``RAY_ADDRESS`` if
+    set, else a private Ray started here (``local`` forces that).
     """
     from flwr.simulation import run_simulation
 
+    import clients as client_package
+    import fedsplit
+    import strategies
     from clients.client_app import app as client_app
     from fedsplit.server_app import make_server_app
 
@@ -43,13 +56,16 @@ def simulate(config: str | None = None, overrides: list[str] | dict[str, Any] | 
         over["run.name"] = time.strftime("%Y%m%d-%H%M%S")
         cfg = load_config(config, over)
     preflight(cfg)  # fail before Ray starts
+    address = cluster_address(ray_address)  # None: a private Ray
+    if address is not None and (problems := attach_problems(cfg, address, ray_cpus)):
+        raise ConfigError(problems)
     if gpus_per_client < 0:
         raise ConfigError([f"--gpus-per-client: {gpus_per_client} is negative; use 0 (CPU "
                            "clients) or a share of a GPU such as 0.25"])
     if gpus_per_client > 0:
         import torch
 
-        if not torch.cuda.is_available():
+        if address is None and not torch.cuda.is_available():  # a cluster's: check_cluster
             raise ConfigError([f"--gpus-per-client {gpus_per_client}: torch sees no CUDA GPU "
                                "here; drop the option (CPU clients)"])
         if cfg.run.device == "cpu":
@@ -60,7 +76,11 @@ def simulate(config: str | None = None, overrides: list[str] | dict[str, Any] | 
                                                     "num_gpus": float(gpus_per_client)}}
     init_args: dict[str, Any] = {"num_cpus": ray_cpus} if ray_cpus else {}
     stop = threading.Event()
-    with ray_runtime(init_args):  # Flower uses this Ray; nothing of it outlives the run
+    # The nodes of a cluster get the project's code with the job (its `runtime_env`).
+    code = code_runtime_env([fedsplit, client_package, strategies]) if address else None
+    with ray_runtime(init_args, address, code):  # Flower uses this Ray; a Ray started
+        if address is not None:                  # here does not outlive the run
+            over.update(check_cluster(cfg, address, gpus_per_client))
         try:
             run_simulation(server_app=make_server_app(over, config, stop=stop),
                            client_app=client_app, num_supernodes=clients,
@@ -107,15 +127,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="Ray CPUs per client (2 on a 2-core machine = one at a time)")
     parser.add_argument("--gpus-per-client", type=float, default=0.0,
                         help="share of a GPU per client actor (0 = none; 0.25 = 4 per GPU)")
+    parser.add_argument("--ray-address", metavar="HOST:PORT",
+                        help="attach to this running Ray cluster (what `ray start --head` "
+                        "printed; default: $RAY_ADDRESS, else a private Ray started here); "
+                        "needs channel.host=0.0.0.0")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     configure_logging()
     try:
         run_dir = simulate(args.config, args.overrides, args.clients, args.cpus_per_client,
-                           gpus_per_client=args.gpus_per_client)
+                           gpus_per_client=args.gpus_per_client,
+                           ray_address=args.ray_address)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except RayStartError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     print(f"run directory: {run_dir}")
     return 0
 

@@ -21,7 +21,8 @@ Hooks of SplitFedAvg, each with a working default (override only what you need):
 ``client_overrides``        its own run config (local steps, pruning target, ...)
 ``client_codecs``           its cut-layer codecs (up, down)
 ``route``                   its server segment: ``"replica"`` or ``"shared"``
-``aggregate_client_segments``  sums of the clients' trained layers
+``aggregate_client_segments``  sums of the clients' trained layers (an iterator: one update
+                            at a time, as replies arrive, in the sent order)
 ``aggregate_server_segments``  sums of the server's trained layers
 ``evaluate_round``          held-out metrics of the global model
 ``round_metrics``           extra columns in ``metrics.jsonl``

@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Mapping
-from logging import WARNING
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
 from typing import Any, NamedTuple
 
 import torch
@@ -47,6 +48,19 @@ from fedsplit.server.layerwise import SegmentUpdate, to_global
 from fedsplit.split.layout import ClientPlan, ModelLayout
 from fedsplit.sync import SyncError, decode_client, encode_global
 from strategies.directory import ClientDirectory
+
+
+@dataclass
+class ReplyTally:
+    """What a round's replies leave behind once their updates are folded: how many
+    replied and failed, the ``clients.jsonl`` rows, the metric records and which clients
+    trained alone (node, examples)."""
+
+    replied: int = 0
+    errors: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[RecordDict] = field(default_factory=list)
+    alone: list[tuple[int, float]] = field(default_factory=list)
 
 
 class SentSegment(NamedTuple):
@@ -171,21 +185,43 @@ class RoundBook:
         stats.sync_bytes_down += array_record_bytes(arrays)
         return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
 
-    def count_replies(self, stats: RoundStats, replied: int, valid: list[Message],
-                      errors: int) -> None:
-        """Failures, model-sync bytes up and the clients' own cut-byte counts.
-
-        A client that crashed replies with an error; one that vanished or missed the
-        round deadline does not reply at all: both count as failures.
-        """
-        stats.failures = errors + max(0, len(stats.clients) - replied)
-        for msg in valid:
+    def replies(self, stats: RoundStats, replies: Iterable[Message],
+                tally: ReplyTally) -> Iterator[SegmentUpdate]:
+        """The trained segment of each usable reply, one at a time as ``replies`` yields
+        them; on the way, every reply's counts (model-sync bytes up, the client's own
+        cut-byte counts), ``clients.jsonl`` row and metrics go to ``stats`` and ``tally``.
+        Nothing of a reply is kept once its update has been consumed, so a round's
+        replies need not all be in memory at once."""
+        for msg in replies:
+            tally.replied += 1
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                tally.errors += 1
+                log(INFO, "\t> Received error in reply from node %d: %s", node,
+                    msg.error.reason)
+                continue
             for rec in msg.content.array_records.values():
                 stats.sync_bytes_up += array_record_bytes(rec)
             for metrics in msg.content.metric_records.values():
                 up, down = metrics.get("cut-bytes-up", 0), metrics.get("cut-bytes-down", 0)
                 stats.client_cut_bytes_up += int(up)  # type: ignore[arg-type]
                 stats.client_cut_bytes_down += int(down)  # type: ignore[arg-type]
+            tally.rows += self.client_rows([msg])
+            tally.metrics.append(RecordDict(dict(msg.content.metric_records)))
+            update = self.decode(msg)
+            del msg  # the reply's arrays: only the decoded update lives on
+            if update is None:
+                continue
+            if update.plan is not None and not update.plan.uses_channel:
+                tally.alone.append((int(update.source), update.weight))
+            yield update
+
+    def count_failures(self, stats: RoundStats, tally: ReplyTally) -> None:
+        """Failures: a client that crashed replies with an error; one that vanished or
+        missed the round deadline does not reply at all."""
+        log(INFO, "aggregate_train: Received %s results and %s failures",
+            tally.replied - tally.errors, tally.errors)
+        stats.failures = tally.errors + max(0, len(stats.clients) - tally.replied)
 
     def decode(self, msg: Message) -> SegmentUpdate | None:
         """The reply's trained segment in global keys, or ``None`` (logged) when it
@@ -231,14 +267,17 @@ class RoundBook:
             for m in valid for rec in m.content.metric_records.values()]
 
     def close(self, stats: RoundStats, traffic: dict[str, Traffic],
-              updates: list[SegmentUpdate]) -> list[SegmentUpdate]:
+              alone: Iterable[tuple[int, float]]) -> None:
         """Record the channel's traffic and move the data cursors of the clients that
-        finished; returns the updates of the clients that trained alone (``full``)."""
+        finished: through the channel's count, or (``alone``: node and examples of the
+        clients that trained alone, ``full``) as far as their reply says."""
         stats.traffic = traffic
+        for row in stats.clients_metrics:  # which machine each client trained on
+            t = traffic.get(str(row.get("node")))
+            if t is not None and t.host:
+                row["channel_host"] = t.host
         for node, t in stats.traffic.items():
             if t.finished:  # a client that dropped out redoes its samples
                 self.directory.advance(int(node), t.examples)
-        full = [u for u in updates if u.plan is not None and not u.plan.uses_channel]
-        for u in full:  # clients that trained alone: their reply says how far they got
-            self.directory.advance(int(u.source), int(u.weight))
-        return full
+        for node, examples in alone:
+            self.directory.advance(node, int(examples))

@@ -46,7 +46,13 @@ from torch import nn
 from fedsplit.channel.server import SplitChannelServer
 from fedsplit.config import to_flat
 from fedsplit.protocol import RoundStats, weighted_metrics
-from fedsplit.server.layerwise import LayerSums, SegmentUpdate
+from fedsplit.server.grid import in_sent_order
+from fedsplit.server.layerwise import (
+    LayerSums,
+    SegmentUpdate,
+    global_state,
+    load_global_state,
+)
 from fedsplit.server.loop import run_rounds
 from fedsplit.server.trainer import SEGMENTS, Route
 from fedsplit.split import SplitModel
@@ -58,6 +64,7 @@ from strategies import STRATEGIES, StrategyError
 from strategies.directory import ClientDirectory
 from strategies.rounds import (
     ChannelAccess,
+    ReplyTally,
     RoundBook,
     SentSegment,
     client_seed,
@@ -87,6 +94,7 @@ class SplitFedAvg(FedAvg):
 
     mode: ClassVar[str] = "split"  # the clients' training mode (ClientPlan.mode)
     fixed_segments: ClassVar[str | None] = None  # set by strategies that fix the route
+    streams_replies: ClassVar[bool] = True  # aggregate_train folds replies as they arrive
 
     def __init__(self, channel: SplitChannelServer, cfg: DictConfig, *,
                  cuts: list[int] | None = None, device_cuts: dict[str, int] | None = None,
@@ -216,8 +224,12 @@ class SplitFedAvg(FedAvg):
         return self.server_segments
 
     def aggregate_client_segments(self, server_round: int,
-                                  updates: list[SegmentUpdate]) -> LayerSums:
-        """Sums of the clients' trained copies (global keys, weighted by examples)."""
+                                  updates: Iterable[SegmentUpdate]) -> LayerSums:
+        """Sums of the clients' trained copies (global keys, weighted by examples).
+
+        ``updates`` yields each client's copy as its reply arrives, in the order the
+        clients were sent their messages (so sums repeat bit for bit); folding each one
+        and letting it go keeps one update in memory at a time."""
         sums = LayerSums()
         for u in updates:
             sums.add(u.state, u.weight, u.masks)
@@ -279,19 +291,10 @@ class SplitFedAvg(FedAvg):
     def global_state(self, clone: bool = False) -> dict[str, torch.Tensor]:
         """The global model and extras, in global keys, on the CPU where aggregation runs
         (``clone``: a snapshot; else, for a model on the CPU, views of the live tensors)."""
-        layout = self._require_layout()
-        state = dict(layout.root.state_dict())
-        for name, module in self.extras.items():
-            state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
-        if clone:
-            return {k: v.detach().cpu().clone() for k, v in state.items()}
-        return {k: v.detach().cpu() for k, v in state.items()}
+        return global_state(self._require_layout().root, self.extras, clone)
 
     def load_global_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        layout = self._require_layout()
-        layout.root.load_state_dict({k: state[k] for k in layout.root.state_dict()})
-        for name, module in self.extras.items():
-            module.load_state_dict({k: state[f"{name}.{k}"] for k in module.state_dict()})
+        load_global_state(self._require_layout().root, self.extras, state)
 
     def default_client_arrays(self) -> ArrayRecord:
         """The client segment at ``model.cut`` (what checkpoints store with the trainer's
@@ -388,19 +391,18 @@ class SplitFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        # Aggregate in a fixed order (by client key), not arrival order: float sums then
-        # repeat exactly, e.g. in a resumed run.
-        replies = sorted(replies, key=lambda m: self.client_key(m.metadata.src_node_id))
-        stats = self.rounds[server_round]
-        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
-        self.book.count_replies(stats, len(replies), valid, len(errors))
-        updates = [u for u in map(self.book.decode, valid) if u is not None]
+        stats, tally = self.rounds[server_round], ReplyTally()
+        ordered = in_sent_order(replies, [int(n) for n in stats.clients])
+        updates = self.book.replies(stats, ordered, tally)
         client_sums = self.aggregate_client_segments(server_round, updates)
-        stats.clients_metrics = self.book.client_rows(valid)
-        full = self.book.close(stats, self.channel.close_round(), updates)
+        for _ in updates:  # a hook that stopped early: the other replies still count
+            pass
+        self.book.count_failures(stats, tally)
+        stats.clients_metrics = tally.rows
+        self.book.close(stats, self.channel.close_round(), tally.alone)
         stats.server_metrics = self.channel.trainer.end_round(fold=False)
         stats.examples = stats.server_metrics.get("server_examples", 0.0) + sum(
-            u.weight for u in full)
+            examples for _, examples in tally.alone)
         server_sums = self.aggregate_server_segments(server_round,
                                                      self.channel.trainer.round_sums)
         arrays: ArrayRecord | None = None
@@ -412,7 +414,7 @@ class SplitFedAvg(FedAvg):
         if total.keys():
             self.global_masks = (masks or None) if compressed_updates(self.cfg) else None
             arrays = self.default_client_arrays()
-        metrics = weighted_metrics([m.content for m in valid]) if valid else None
+        metrics = weighted_metrics(tally.metrics) if tally.metrics else None
         stats.train_metrics = dict(metrics) if metrics is not None else {}
         stats.trained = time.monotonic()
         return arrays, metrics

@@ -65,7 +65,7 @@ def test_gpus_per_client_reaches_the_ray_backend(monkeypatch, tmp_path) -> None:
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
-    monkeypatch.setattr(sim, "ray_runtime", lambda args: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(sim, "ray_runtime", lambda *args: __import__("contextlib").nullcontext())
     with pytest.raises(RuntimeError, match="wrote no metrics"):
         sim.simulate("configs/default.yaml", [f"run.output-dir={tmp_path}", "run.name=g"],
                      clients=2, gpus_per_client=0.25)

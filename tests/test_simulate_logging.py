@@ -32,7 +32,8 @@ from flwr.common import log
 from flwr.common.logger import warn_deprecated_feature
 
 
-def fake_simulate(config, overrides, clients, cpus_per_client, gpus_per_client=0.0):
+def fake_simulate(config, overrides, clients, cpus_per_client, gpus_per_client=0.0,
+                  ray_address=None):
     log(logging.INFO, "flwr-info-line")
     log(logging.DEBUG, "flwr-debug-line")
     warn_deprecated_feature("flwr-deprecated-line")

@@ -29,6 +29,7 @@ import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 import torch
@@ -65,6 +66,7 @@ class Traffic:
     correct: int = 0
     server_seconds: float = 0.0  # decode + server-segment step + encode, this client's batches
     finished: bool = False
+    host: str = ""  # the IP the client's connection came from (which machine trained)
 
 
 @dataclass
@@ -86,6 +88,29 @@ class _Session:
     pending: int | None = None  # the step whose BACK is awaited (modes with a middle)
     pending_mask: torch.Tensor | None = None  # ... and its padding mask (for the codecs)
     peer: str | None = None  # the connection that first used the token
+
+
+def advertised_address(address: str, host: str, port: int) -> str:
+    """The address clients dial: ``channel.address`` as given (HOST:PORT), a host alone
+    (``10.0.0.5``, ``[fd00::5]``, ``fd00::5``) with the bound ``port``, or, when it is
+    empty, the bound interface ``host`` and ``port`` (a wildcard interface as 127.0.0.1)."""
+    if not address:
+        address = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]", "") else host
+    if address.startswith("[") and address.endswith("]"):  # [IPv6] alone
+        return f"{address}:{port}"
+    if ":" not in address:  # a name or IPv4 alone
+        return f"{address}:{port}"
+    if address.count(":") > 1 and not address.startswith("["):  # a bare IPv6 address
+        return f"[{address}]:{port}"
+    return address
+
+
+def peer_host(peer: str) -> str:
+    """The IP in a gRPC peer string (``ipv4:10.0.0.5:41234``, ``ipv6:[::1]:41234``)."""
+    kind, _, rest = unquote(peer).partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
 
 
 class _Reject(Exception):
@@ -135,8 +160,7 @@ class SplitChannelServer:
             raise OSError(f"split channel could not bind {bind}; set channel.port to a free port")
         server.start()
         self._server = server
-        host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "::", "") else self.cfg.host
-        self.address = self.cfg.address or f"{host}:{port}"
+        self.address = advertised_address(self.cfg.address, self.cfg.host, port)
         log.info("split channel listening on %s:%d (clients dial %s)", self.cfg.host, port,
                  self.address)
         return self.address
@@ -217,6 +241,7 @@ class SplitChannelServer:
         with sess.lock:
             if sess.peer is None:
                 sess.peer = peer
+                sess.traffic.host = peer_host(peer)
         if peer != sess.peer:
             raise _Reject(grpc.StatusCode.PERMISSION_DENIED,
                           "this token is bound to another connection: use your own token")

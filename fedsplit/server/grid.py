@@ -13,11 +13,47 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+
+def arriving(grid: Grid, messages: Iterable[Message], *, timeout: float | None = None,
+             poll: float = 0.1) -> Iterator[Message]:
+    """Push ``messages`` through ``grid`` and yield the replies as they arrive, until all
+    are in or ``timeout`` seconds have passed (Flower's ``send_and_receive``, one reply at
+    a time: a consumer that folds each reply and lets it go holds one reply at a time,
+    not all of them)."""
+    pending = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while pending:
+        got = list(grid.pull_messages(list(pending)))
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        while got:
+            yield got.pop(0)
+        if not pending or (deadline is not None and time.monotonic() >= deadline):
+            return
+        time.sleep(poll)
+
+
+def in_sent_order(replies: Iterable[Message], order: Sequence[int]) -> Iterator[Message]:
+    """``replies`` in the order of their senders in ``order`` (the nodes, in the order
+    their messages were sent), whatever order they arrive in, so that sums over them
+    repeat bit for bit. A reply that arrives before those of the nodes ahead of it waits
+    until they are in; replies of nodes not in ``order``, and those still waiting when
+    ``replies`` ends (a node ahead of them never replied), come last, in order."""
+    rank = {node: i for i, node in enumerate(order)}
+    waiting: dict[int, list[Message]] = {}
+    ahead = 0  # the rank whose reply comes next
+    for msg in replies:
+        waiting.setdefault(rank.get(msg.metadata.src_node_id, len(order)), []).append(msg)
+        while ahead in waiting:
+            yield from waiting.pop(ahead)
+            ahead += 1
+    for i in sorted(waiting):
+        yield from waiting.pop(i)
 
 
 class SimulationStopped(RuntimeError):
@@ -61,17 +97,7 @@ class StoppableGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         """Flower's semantics (all replies, or those in by ``timeout``), stoppable."""
-        pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending:
-            got = list(self.pull_messages(list(pending)))
-            replies.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not pending or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(self.poll)
-        return replies
+        return list(arriving(self, messages, timeout=timeout, poll=self.poll))
 
     def __getattr__(self, name: str) -> Any:  # anything else the wrapped grid offers
         if name == "grid":

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from fedsplit.pruning.aggregate import MaskedSums
 from fedsplit.split.layout import ClientPlan
@@ -83,4 +84,26 @@ def from_global(state: StateDict, key_map: Mapping[str, str]) -> dict[str, torch
     return {k: state[g] for k, g in key_map.items()}
 
 
-__all__ = ["LayerSums", "LayerwiseError", "SegmentUpdate", "from_global", "to_global"]
+def global_state(root: nn.Module, extras: Mapping[str, nn.Module],
+                 clone: bool = False) -> dict[str, torch.Tensor]:
+    """The state of model ``root`` and the ``extras`` modules (keys ``name.key``) in
+    global keys, on the CPU (``clone``: a snapshot; else, for a model on the CPU, views
+    of the live tensors)."""
+    state = dict(root.state_dict())
+    for name, module in extras.items():
+        state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    if clone:
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def load_global_state(root: nn.Module, extras: Mapping[str, nn.Module],
+                      state: Mapping[str, torch.Tensor]) -> None:
+    """Load a :func:`global_state` into ``root`` and ``extras``."""
+    root.load_state_dict({k: state[k] for k in root.state_dict()})
+    for name, module in extras.items():
+        module.load_state_dict({k: state[f"{name}.{k}"] for k in module.state_dict()})
+
+
+__all__ = ["LayerSums", "LayerwiseError", "SegmentUpdate", "from_global", "global_state",
+           "load_global_state", "to_global"]

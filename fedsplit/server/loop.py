@@ -12,6 +12,12 @@ federated-evaluation round. A split-learning run needs three things it lacks:
     A hook after each round's training and evaluation: the ServerApp writes its
     checkpoint there (the client segment the round produced, the server trainer's and the
     strategy's state, the metrics so far, the RNG state).
+Replies as they arrive
+    A strategy with ``streams_replies = True`` gets the round's replies as an iterator
+    that yields each one when it arrives (:func:`fedsplit.server.grid.arriving`), so it
+    can fold a reply into its sums and let it go: the server then holds one client's
+    update at a time, not the whole round's (100 MiniLM client segments are ~6 GB).
+    Other strategies get Flower's list.
 No federated evaluation
     The server evaluates the global split model itself (``evaluate_fn``): clients hold
     only their segment, so no federated-evaluation messages are sent, and there is no
@@ -24,13 +30,15 @@ strategy API, so it lives in the library and works with any Flower ``Strategy``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
+
+from fedsplit.server.grid import arriving
 
 
 def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord,
@@ -75,9 +83,11 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord,
     train_config = train_config or ConfigRecord()
     for server_round in range(start_round, num_rounds + 1):
         log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-        replies = grid.send_and_receive(
-            messages=strategy.configure_train(server_round, arrays, train_config, grid),
-            timeout=timeout)
+        messages = strategy.configure_train(server_round, arrays, train_config, grid)
+        if getattr(strategy, "streams_replies", False):  # folds each reply as it arrives
+            replies: Iterable[Message] = arriving(grid, messages, timeout=timeout)
+        else:
+            replies = grid.send_and_receive(messages=messages, timeout=timeout)
         agg_arrays, agg_metrics = strategy.aggregate_train(server_round, replies)
         if agg_arrays is not None:
             arrays = result.arrays = agg_arrays

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from flwr.app import Context, Message, RecordDict
@@ -36,6 +37,7 @@ class InlineGrid(Grid):
         self.delivered: list[Message] = []
         # Each node's context state lives as long as the node, as in Flower's runtimes.
         self.states: dict[int, RecordDict] = {n: RecordDict() for n in self.nodes}
+        self.replies: dict[str, Message] = {}  # message id -> its reply, until pulled
 
     def set_run(self, run: Any) -> None:  # pragma: no cover - not used in process
         raise NotImplementedError
@@ -50,11 +52,23 @@ class InlineGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
-        raise NotImplementedError
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver ``messages`` now (in order, or on ``threads`` threads); their replies
+        wait for :meth:`pull_messages`."""
+        messages = list(messages)
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
+        self.delivered += messages
+        if self.threads <= 1:
+            replies = [self._deliver(m) for m in messages]
+        else:
+            with ThreadPoolExecutor(self.threads) as pool:
+                replies = list(pool.map(self._deliver, messages))
+        self.replies.update({m.metadata.message_id: r for m, r in zip(messages, replies)})
+        return [m.metadata.message_id for m in messages]
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
-        raise NotImplementedError
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
     def _deliver(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
@@ -64,12 +78,9 @@ class InlineGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        messages = list(messages)
-        self.delivered += messages
-        if self.threads <= 1:
-            return [self._deliver(m) for m in messages]
-        with ThreadPoolExecutor(self.threads) as pool:
-            return list(pool.map(self._deliver, messages))
+        from fedsplit.server.grid import arriving
+
+        return list(arriving(self, messages, timeout=timeout, poll=0.0))
 
 
 SAMPLES = 320  # train samples in all (2 clients x 160, 5 batches each)

@@ -73,6 +73,8 @@ def test_sflv2_and_local_loss_train_and_count_their_frames(tmp_path, run,
     assert row["cut_bytes_down"] == row["batches"] * loss_frame + 2 * ack  # no gradients
     clients = [json.loads(line) for line in (writer.dir / "clients.jsonl").read_text().splitlines()]
     assert all("aux-loss" in c and "aux-accuracy" in c for c in clients)
+    # Each reply's row says where its channel connection came from (here: this machine).
+    assert [c["channel_host"] for c in clients] == ["127.0.0.1"] * len(clients) != []
 
 
 def test_allocator_reports_simulated_latency_and_trains_at_its_cuts(tmp_path,
