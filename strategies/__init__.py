@@ -21,17 +21,15 @@ arguments its ``__init__`` (and its bases') accept, and the class's own
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
-from fedsplit.registry import Registry, RegistryError
+from fedsplit.registry import DotpathError, Registry, RegistryError, import_dotpath
 
 STRATEGIES: Registry = Registry("strategy")
 
-_DOTPATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
 class StrategyError(ValueError):
@@ -60,22 +58,14 @@ def resolve_strategy(spec: str) -> type:
         except RegistryError as exc:
             raise StrategyError(f"{exc} Or give an importable class as "
                                 "`package.module:Class`.") from None
-    if not _DOTPATH.match(spec):
-        raise StrategyError(f"{spec!r} is not of the form `package.module:Class` (dotted module "
-                            "path, one colon, class name)")
-    module_name, _, attr = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise StrategyError(f"cannot import {module_name!r} for strategy {spec!r} ({exc}); the "
-                            "module must be installed (e.g. `pip install -e .` of its project) "
-                            "or on PYTHONPATH where the ServerApp runs") from None
-    cls = getattr(module, attr, None)
-    if cls is None:
+        cls = import_dotpath(spec, "strategy")
+    except DotpathError as exc:
+        module = sys.modules.get(spec.partition(":")[0])
         found = sorted(n for n, v in vars(module).items() if inspect.isclass(v)
-                       and issubclass(v, SplitFedAvg))
-        raise StrategyError(f"module {module_name!r} has no attribute {attr!r}; strategy "
-                            f"classes there: {', '.join(found) or '(none)'}")
+                       and issubclass(v, SplitFedAvg)) if module is not None else []
+        hint = f"; strategy classes there: {', '.join(found) or '(none)'}" if found else ""
+        raise StrategyError(f"{exc}{hint}") from None
     if not (inspect.isclass(cls) and issubclass(cls, SplitFedAvg)):
         raise StrategyError(f"{spec!r} is {cls!r}, not a subclass of "
                             "strategies.splitfed.SplitFedAvg; subclass it (see "

@@ -115,6 +115,11 @@ def test_strategy_problems_are_reported_before_training(user_module):
                                              "strategy.options={cut: 9}"])
     with pytest.raises(ConfigError, match="cannot import 'no_such_pkg.mod'"):
         load_config("configs/default.yaml", ["strategy.name=no_such_pkg.mod:X"])
+    with pytest.raises(ConfigError, match="no attribute 'Nope'.*strategy classes there: .*"
+                       "OneAtATime"):
+        load_config("configs/default.yaml", ["strategy.name=user_strategies_mod:Nope"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config("configs/default.yaml", ["strategy.name=user_strategies_mod:Bad-Name"])
     with pytest.raises(ConfigError, match="not a subclass"):
         load_config("configs/default.yaml", ["strategy.name=user_strategies_mod:LayerSums"])
     with pytest.raises(ConfigError, match="Registered: allocator, fedavg"):
