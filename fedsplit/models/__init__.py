@@ -76,3 +76,4 @@ def build_model(cfg: Any, pretrained: bool = True) -> nn.Module:
 from fedsplit.models import cnn as _cnn  # noqa: E402,F401
 from fedsplit.models import hf as _hf  # noqa: E402,F401
 from fedsplit.models import vision as _vision  # noqa: E402,F401
+from fedsplit.models import causal_lm as _causal_lm  # noqa: E402,F401

@@ -2,7 +2,8 @@
 
 Entry points: :func:`split_model`, :func:`full_forward`. Splitters
 register in :data:`SPLITTERS` (``sequential`` for ``nn.Sequential``, ``hf-encoder`` for
-Hugging Face encoders, whose per-family adapters live in :data:`HF_FAMILIES`).
+Hugging Face encoders, whose per-family adapters live in :data:`HF_FAMILIES`;
+``hf-causal-lm`` for decoder-only causal LMs, adapters in :data:`DECODER_FAMILIES`).
 """
 
 from fedsplit.split.base import (
@@ -17,14 +18,18 @@ from fedsplit.split.base import (
     full_forward,
     split_model,
 )
+from fedsplit.split.causal_lm import DECODER_FAMILIES, CausalLMSplitter, DecoderFamily
 from fedsplit.split.hf import HF_FAMILIES, EncoderFamily, HFEncoderSplitter
 from fedsplit.split.sequential import SequentialSplitter
 
 __all__ = [
+    "DECODER_FAMILIES",
     "HF_FAMILIES",
     "SPLITTERS",
+    "CausalLMSplitter",
     "ClientSegment",
     "Cut",
+    "DecoderFamily",
     "EncoderFamily",
     "HFEncoderSplitter",
     "SequentialSplitter",

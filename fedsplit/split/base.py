@@ -137,8 +137,9 @@ def _splitter_for(model: nn.Module, name: str | None) -> Splitter:
         if cls.auto and cls().accepts(model):
             return cls()
     raise SplitError(
-        f"No splitter accepts a {type(model).__name__}. Supported: nn.Sequential and "
-        f"Hugging Face *ForSequenceClassification encoders (registered splitters: "
+        f"No splitter accepts a {type(model).__name__}. Supported: nn.Sequential, "
+        f"Hugging Face *ForSequenceClassification encoders and causal LMs (Llama, Qwen2, "
+        f"GPT-2) (registered splitters: "
         f"{', '.join(SPLITTERS.names())}); register a new `Splitter` in "
         "fedsplit.split.SPLITTERS for other models."
     )

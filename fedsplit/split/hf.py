@@ -26,7 +26,7 @@ register it under a new name; replacement layers are called as ``layer(hidden, m
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import transformers
@@ -183,6 +183,25 @@ class DistilBertFamily(EncoderFamily):
         return DistilBertHead(model.pre_classifier, model.dropout, model.classifier)
 
 
+def family_adapter(registry: Registry[type[Any]], model: PreTrainedModel, base: str,
+                   where: str) -> Any:
+    """The adapter ``registry`` holds for ``model.config.model_type``, checked on ``model``.
+
+    ``base`` (the adapter base class) and ``where`` (the registry) are dotted names for
+    the error message.
+    """
+    model_type = model.config.model_type
+    if model_type not in registry:
+        raise SplitError(
+            f"No {registry.kind} adapter for model_type {model_type!r} "
+            f"({type(model).__name__}); supported: {', '.join(registry.names())}. "
+            f"Add one by subclassing {base} and registering it in {where}."
+        )
+    family = registry.get(model_type)()
+    family.check(model)
+    return family
+
+
 class EncoderClient(ClientSegment):
     """Embeddings + the first ``cut`` layers; state-dict keys ``embeddings.*``, ``layers.<i>.*``."""
 
@@ -241,20 +260,13 @@ class HFEncoderSplitter(Splitter):
     """
 
     def accepts(self, model: nn.Module) -> bool:
-        return isinstance(model, PreTrainedModel)
+        # Not a generating model: decoders are the causal-LM splitter's (fedsplit.split.
+        # causal_lm), whatever order the splitters are tried in.
+        return isinstance(model, PreTrainedModel) and not model.can_generate()
 
     def family(self, model: PreTrainedModel) -> EncoderFamily:
-        model_type = model.config.model_type
-        if model_type not in HF_FAMILIES:
-            raise SplitError(
-                f"No encoder family adapter for model_type {model_type!r} "
-                f"({type(model).__name__}); supported: {', '.join(HF_FAMILIES.names())}. "
-                "Add one by subclassing fedsplit.split.hf.EncoderFamily and registering it "
-                "in HF_FAMILIES."
-            )
-        family = HF_FAMILIES.get(model_type)()
-        family.check(model)
-        return family
+        return family_adapter(HF_FAMILIES, model, "fedsplit.split.hf.EncoderFamily",
+                              "fedsplit.split.hf.HF_FAMILIES")
 
     def num_layers(self, model: nn.Module) -> int:
         assert isinstance(model, PreTrainedModel)

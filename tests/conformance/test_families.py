@@ -11,6 +11,9 @@ For each, at several cuts:
 * the model survives a checkpoint round trip (the outputs of a fresh build loaded from
   the saved state equal the original's).
 
+Decoder-only causal LMs (per-token logits, a causal-LM loss, tied embeddings) have their
+own matrix next to this one: ``test_causal_lm.py``.
+
 To add a family: add an entry to ``FAMILIES`` (a builder of the unsplit model, a batch
 builder and the cuts to try) — see CONTRIBUTING.md.
 """
