@@ -132,7 +132,8 @@ def summary(name: str, result: dict[str, Any]) -> tuple[str, list[str]]:
     rounds, per_round = result["rounds"], []
     trains, overheads = [], []
     for r in rounds:
-        rows = result["client_rows"].get(int(r["round"]), [])
+        by_round = result["client_rows"]  # keys are strings once stored as JSON
+        rows = by_round.get(str(r["round"]), by_round.get(int(r["round"]), []))
         train = sum(c.get("client-seconds", 0.0) - c.get("client-setup-seconds", 0.0)
                     for c in rows)
         overhead = r["seconds"] - train

@@ -90,7 +90,7 @@ class _DirichletPartitioner(DirichletPartitioner):
                 f"Dirichlet partitioning of {self.dataset.num_rows} examples by "
                 f"{partition_by!r} over {num_partitions} clients with alpha={alpha} "
                 f"failed: {exc} Each client needs at least {min_size} examples; raise "
-                "`data.alpha` (e.g. 0.3 or 1.0) or use fewer clients") from exc
+                f"`data.alpha` (e.g. {max(1.0, 2 * alpha):g}) or use fewer clients") from exc
 
 
 class _ShardPartitioner(Partitioner):
