@@ -29,7 +29,6 @@ import json
 import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +40,6 @@ ROWS = {  # name: (partitioner overrides, clients per round)
     "iid-100": (["data.partitioner=iid"], 100),
     "dir05-100": (["data.partitioner=dirichlet", "data.alpha=0.5"], 100),
 }
-
-
-def _children() -> dict[int, list[int]]:
-    table: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        table.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
-    return table
 
 
 def _pss_kib(pid: int) -> int:
@@ -66,16 +54,10 @@ def _pss_kib(pid: int) -> int:
 
 def tree_pss_kib(root: int) -> tuple[int, int]:
     """(PSS of ``root`` and all its descendants together, PSS of ``root`` alone), KiB."""
-    children, todo, total = _children(), [root], 0
-    seen: set[int] = set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        total += _pss_kib(pid)
-        todo.extend(children.get(pid, []))
-    return total, _pss_kib(root)
+    from fedsplit.ray_runtime import descendants
+
+    own = _pss_kib(root)
+    return own + sum(_pss_kib(pid) for pid in descendants(root)), own
 
 
 class PeakMemory:

@@ -58,18 +58,22 @@ def _is_ray(pid: int) -> bool:
     return cmd.startswith("ray::") or "/ray/" in cmd
 
 
-def ray_processes(root: int | None = None) -> set[int]:
-    """Ray's processes among the descendants of ``root`` (default: this process)."""
-    parents = _parents()
+def descendants(root: int | None = None) -> set[int]:
+    """Every process below ``root`` (default: this process) in the process tree."""
     children: dict[int, list[int]] = {}
-    for pid, ppid in parents.items():
+    for pid, ppid in _parents().items():
         children.setdefault(ppid, []).append(pid)
     found, todo = set(), list(children.get(os.getpid() if root is None else root, []))
     while todo:
         pid = todo.pop()
         found.add(pid)
         todo.extend(children.get(pid, []))
-    return {pid for pid in found if _is_ray(pid)}
+    return found
+
+
+def ray_processes(root: int | None = None) -> set[int]:
+    """Ray's processes among the descendants of ``root`` (default: this process)."""
+    return {pid for pid in descendants(root) if _is_ray(pid)}
 
 
 def reap(pids: set[int], grace: float = 10.0) -> set[int]:
