@@ -69,7 +69,7 @@ class UShapedMode(Mode):
                 f"u-shaped back cut {plan.back_cut} must lie in {plan.cut + 1}..{layout.hi} "
                 f"(after the front cut {plan.cut}; at {layout.hi} the client keeps only the "
                 "head)")
-        layout.span_kind()  # the model must be one whose middle and tail can be built
+        layout.check_spans()  # the model must be one whose middle and tail can be built
 
     def client_module(self, layout: Any, plan: Any, aux: nn.Module | None) -> nn.Module:
         return UShapedClient(layout.split(plan.cut).client, layout.tail(plan.back_cut))

@@ -85,6 +85,18 @@ class SplitModel(NamedTuple):
     server: ServerSegment
 
 
+@dataclass(frozen=True)
+class Block:
+    """One block of a model, in input-to-output order (:func:`model_blocks`).
+
+    ``name`` is stable across runs and sides (``"embeddings"``, ``"layer.3"``, ``"head"``;
+    ``"0"``, ``"1"``, ... for ``nn.Sequential``); ``module`` holds the model's own tensors.
+    """
+
+    name: str
+    module: nn.Module
+
+
 class Splitter:
     """Cuts one kind of model. Subclass, implement the four methods, and register.
 
@@ -119,11 +131,28 @@ class Splitter:
         """Logits ``(B, num_labels)`` of the unsplit model."""
         raise NotImplementedError
 
+    def blocks(self, model: nn.Module) -> list[Block]:
+        """The model's blocks in input-to-output order, covering every parameter once
+        (block ``i`` is what a cut moves across; see :func:`model_blocks`)."""
+        raise SplitError(f"splitter {type(self).__name__} does not list the blocks of a "
+                         f"{type(model).__name__}; implement Splitter.blocks")
+
+    def span(self, model: nn.Module, start: int, stop: int | None) -> ServerSegment:
+        """Layers ``start..stop-1`` (0-based, the layers a cut counts) as a segment
+        ``(hidden, side) -> hidden`` taking the activations after layer ``start``'s
+        predecessor; ``stop=None``: the layers from ``start`` on and the head
+        (``-> output``). U-shaped training builds its middle and tail with it."""
+        raise SplitError(f"u-shaped training needs spans of layers, which splitter "
+                         f"{type(self).__name__} cannot build for a {type(model).__name__}; "
+                         "implement Splitter.span (nn.Sequential, Hugging Face encoders and "
+                         "causal LMs have it)")
+
 
 SPLITTERS: Registry[type[Splitter]] = Registry("splitter")
 
 
-def _splitter_for(model: nn.Module, name: str | None) -> Splitter:
+def splitter_for(model: nn.Module, name: str | None = None) -> Splitter:
+    """The splitter named ``name``, or the registered one that accepts ``model``."""
     if name is not None:
         splitter = SPLITTERS.get(name)()
         if not splitter.accepts(model):
@@ -147,7 +176,7 @@ def _splitter_for(model: nn.Module, name: str | None) -> Splitter:
 
 def cut_range(model: nn.Module, splitter: str | None = None) -> tuple[int, int]:
     """Smallest and largest cut (inclusive) that :func:`split_model` accepts for ``model``."""
-    return _splitter_for(model, splitter).cut_range(model)
+    return splitter_for(model, splitter).cut_range(model)
 
 
 def split_model(model: nn.Module, cut: int, splitter: str | None = None) -> SplitModel:
@@ -172,7 +201,7 @@ def split_model(model: nn.Module, cut: int, splitter: str | None = None) -> Spli
         ``cut`` is out of range (the message names the allowed range), the model is not
         supported, or a parameter would be shared across the cut.
     """
-    chosen = _splitter_for(model, splitter)
+    chosen = splitter_for(model, splitter)
     lo, hi = chosen.cut_range(model)
     if isinstance(cut, bool) or not isinstance(cut, numbers.Integral) or not lo <= cut <= hi:
         raise SplitError(
@@ -193,4 +222,28 @@ def split_model(model: nn.Module, cut: int, splitter: str | None = None) -> Spli
 
 def full_forward(model: nn.Module, batch: Batch, splitter: str | None = None) -> torch.Tensor:
     """Logits ``(B, num_labels)`` of the unsplit ``model`` for ``batch``."""
-    return _splitter_for(model, splitter).full_forward(model, batch)
+    return splitter_for(model, splitter).full_forward(model, batch)
+
+
+def model_blocks(model: nn.Module, splitter: str | None = None) -> list[Block]:
+    """``model``'s blocks in input-to-output order: what ``train.trainable`` selects and what
+    block-wise fine-tuning (DEFT) assigns. Every parameter belongs to exactly one block.
+
+    Raises
+    ------
+    SplitError
+        The splitter lists no blocks, or its blocks miss or repeat a parameter.
+    """
+    blocks = splitter_for(model, splitter).blocks(model)
+    owner: dict[int, str] = {}
+    repeated = []
+    for block in blocks:
+        for name, p in block.module.named_parameters():
+            if id(p) in owner:
+                repeated.append(f"{block.name}.{name} (also in {owner[id(p)]})")
+            owner[id(p)] = block.name
+    missing = [n for n, p in model.named_parameters() if id(p) not in owner]
+    if repeated or missing:
+        raise SplitError(f"the blocks of this {type(model).__name__} do not cover its "
+                         f"parameters once: missing {missing[:5]}, repeated {repeated[:5]}")
+    return blocks

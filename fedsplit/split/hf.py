@@ -38,6 +38,7 @@ from fedsplit.registry import Registry
 from fedsplit.split.base import (
     SPLITTERS,
     Batch,
+    Block,
     ClientSegment,
     Cut,
     ServerSegment,
@@ -304,6 +305,20 @@ class HFEncoderSplitter(Splitter):
             family, model.config, self.server_layers(family, layers[cut:]), family.head(model)
         )
         return SplitModel(client, server)
+
+    def blocks(self, model: nn.Module) -> list[Block]:
+        assert isinstance(model, PreTrainedModel)
+        family = self.family(model)
+        return [Block("embeddings", family.embeddings(model)),
+                *(Block(f"layer.{i}", layer) for i, layer in enumerate(family.layers(model))),
+                Block("head", family.head(model))]
+
+    def span(self, model: nn.Module, start: int, stop: int | None) -> ServerSegment:
+        assert isinstance(model, PreTrainedModel)
+        family = self.family(model)
+        layers = family.layers(model)[start:stop]
+        head = family.head(model) if stop is None else nn.Identity()
+        return EncoderServer(family, model.config, layers, head)
 
     def full_forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         assert isinstance(model, PreTrainedModel)

@@ -40,9 +40,11 @@ from fedsplit.split.base import (
     Batch,
     ServerSegment,
     SplitModel,
+    Splitter,
     cut_range,
     full_forward,
     split_model,
+    splitter_for,
 )
 
 from fedsplit.modes import MODES, AuxHead, LocalLossClient, UShapedClient  # noqa: E402
@@ -161,16 +163,14 @@ class ModelLayout:
                               f"{self.lo}..{self.hi}")
         plan.kind.check(self, plan)
 
-    def span_kind(self) -> str:
-        """How spans of layers (a middle, a tail) are built for this model."""
-        from transformers import PreTrainedModel
-
-        if isinstance(self.root, nn.Sequential):
-            return "sequential"
-        if isinstance(self.root, PreTrainedModel):
-            return "hf-encoder"
-        raise LayoutError(f"u-shaped training needs an nn.Sequential or a Hugging Face encoder, "
-                          f"found {type(self.root).__name__}")
+    def check_spans(self) -> None:
+        """Raise :class:`LayoutError` unless this model's splitter builds spans of layers
+        (a u-shaped middle and tail)."""
+        splitter = splitter_for(self.root)
+        if type(splitter).span is Splitter.span:
+            raise LayoutError(f"u-shaped training needs spans of layers, which splitter "
+                              f"{type(splitter).__name__} cannot build for a "
+                              f"{type(self.root).__name__}; implement Splitter.span")
 
     # ------------------------------------------------------------------ modules
     def split(self, cut: int) -> SplitModel:
@@ -192,23 +192,9 @@ class ModelLayout:
     def _part(self, what: str, start: int, stop: int) -> ServerSegment:
         key = (what, start, stop)
         if key not in self._parts:
-            if self.span_kind() == "sequential":
-                from fedsplit.split.sequential import SequentialServer
-
-                blocks = self.root[start:stop] if stop >= 0 else self.root[start:]
-                self._parts[key] = SequentialServer(blocks)
-            else:
-                from fedsplit.split.hf import EncoderServer, HFEncoderSplitter
-
-                family = HFEncoderSplitter().family(self.root)
-                layers = family.layers(self.root)
-                if what == "middle":
-                    self._parts[key] = EncoderServer(family, self.root.config,
-                                                     layers[start:stop], nn.Identity())
-                else:
-                    self._parts[key] = EncoderServer(family, self.root.config, layers[start:],
-                                                     family.head(self.root))
-        return self._parts[key]  # type: ignore[return-value]
+            self._parts[key] = splitter_for(self.root).span(self.root, start,
+                                                            stop if stop >= 0 else None)
+        return self._parts[key]
 
     def client_module(self, plan: ClientPlan, aux: AuxHead | None = None) -> nn.Module:
         """What the client trains under ``plan`` (``aux`` is required for local-loss)."""

@@ -14,6 +14,7 @@ from torch import nn
 from fedsplit.split.base import (
     SPLITTERS,
     Batch,
+    Block,
     ClientSegment,
     Cut,
     ServerSegment,
@@ -77,3 +78,11 @@ class SequentialSplitter(Splitter):
 
     def full_forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch[INPUT_KEY])
+
+    def blocks(self, model: nn.Module) -> list[Block]:
+        assert isinstance(model, nn.Sequential)
+        return [Block(name, module) for name, module in model.named_children()]
+
+    def span(self, model: nn.Module, start: int, stop: int | None) -> ServerSegment:
+        assert isinstance(model, nn.Sequential)
+        return SequentialServer(model[start:stop])
