@@ -8,7 +8,9 @@
     shuffle first; fedsplit assigns datasets directly, so the shuffle happens here.
 ``dirichlet``
     Label skew: each class is spread over clients with Dirichlet(``data.alpha``)
-    proportions (``DirichletPartitioner``; smaller alpha, stronger skew).
+    proportions (``DirichletPartitioner``; smaller alpha, stronger skew). When no draw
+    gives every client the minimum (many small clients), a floored split
+    (:mod:`fedsplit.data.dirichlet`) takes over, with a warning.
 ``natural``
     One client per distinct value of ``data.partition-by`` (e.g. the Amazon domain in
     the ``source`` column), or ``k`` IID clients per value when the number of clients
@@ -24,6 +26,7 @@ client process computes the same split without coordination.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -31,7 +34,10 @@ import datasets
 import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
+from fedsplit.data.dirichlet import floored_dirichlet
 from fedsplit.data.load import DataError
+
+log = logging.getLogger(__name__)
 
 # Flower's default: a Dirichlet client must get at least this many examples.
 MIN_PARTITION_SIZE = 10
@@ -73,11 +79,15 @@ class _DirichletPartitioner(DirichletPartitioner):
                          self_balancing=True, shuffle=True, seed=seed)
         # Own copies for the error message (the parent's attributes are private).
         self._settings = (num_partitions, partition_by, alpha, min_partition_size)
+        self._seed = seed
+        self._floor_shards: list[np.ndarray] | None = None
 
     def load_partition(self, partition_id: int) -> datasets.Dataset:
         num_partitions, partition_by, alpha, min_size = self._settings
         _check_partition_id(partition_id, num_partitions)
         _require_column(self.dataset, partition_by)
+        if self._floor_shards is not None:
+            return self.dataset.select(self._floor_shards[partition_id])
         try:
             with warnings.catch_warnings():
                 # It warns on every rejected draw before giving up; the error says enough.
@@ -86,11 +96,30 @@ class _DirichletPartitioner(DirichletPartitioner):
         except ValueError as exc:
             if isinstance(exc, DataError):
                 raise
+            floored = self._floored()
+            if floored is not None:
+                return self.dataset.select(floored[partition_id])
             raise DataError(
                 f"Dirichlet partitioning of {self.dataset.num_rows} examples by "
                 f"{partition_by!r} over {num_partitions} clients with alpha={alpha} "
                 f"failed: {exc} Each client needs at least {min_size} examples; raise "
                 f"`data.alpha` (e.g. {max(1.0, 2 * alpha):g}) or use fewer clients") from exc
+
+
+    def _floored(self) -> list[np.ndarray] | None:
+        """After flwr-datasets' draw failed: :func:`floored_dirichlet` with the same
+        minimum, when the train set holds it for every client (computed once, logged)."""
+        num_partitions, partition_by, alpha, min_size = self._settings
+        if self.dataset.num_rows < min_size * num_partitions:
+            return None
+        if self._floor_shards is None:
+            log.warning("Dirichlet(alpha=%g) over %d clients: no draw gave every client %d "
+                        "examples; each client gets %d at random and the rest is split with "
+                        "Dirichlet proportions (fedsplit.data.dirichlet)", alpha,
+                        num_partitions, min_size, min_size)
+            self._floor_shards = floored_dirichlet(self.dataset[partition_by], num_partitions,
+                                                   alpha, min_size, self._seed)
+        return self._floor_shards
 
 
 class _ShardPartitioner(Partitioner):

@@ -74,13 +74,23 @@ def test_dirichlet_small_alpha_is_label_skewed_and_deterministic():
 
 
 def test_dirichlet_impossible_draw_is_a_data_error():
-    # Two classes, tiny alpha, many clients: some client always gets almost nothing.
-    ds = toy(2000, classes=2)
+    # Two classes, tiny alpha, many clients, and fewer rows than 20 clients x 10: no draw
+    # and no floored split can give every client its minimum.
+    ds = toy(150, classes=2)
     cfg = DataConfig(partitioner="dirichlet", alpha=0.01)
     partitioner = make_partitioner(cfg, 20, seed=0, min_partition_size=10)
     partitioner.dataset = ds
     with pytest.raises(DataError, match="raise `data.alpha`"):
         partitioner.load_partition(0)
+
+
+def test_dirichlet_draw_that_fails_with_enough_rows_is_floored():
+    ds = toy(2000, classes=2)
+    partitioner = make_partitioner(DataConfig(partitioner="dirichlet", alpha=0.01), 20, seed=0,
+                                   min_partition_size=10)
+    partitioner.dataset = ds
+    sizes = [len(partitioner.load_partition(p)) for p in range(20)]
+    assert min(sizes) >= 10 and sum(sizes) == 2000
 
 
 def test_natural_one_client_per_source():
@@ -169,3 +179,35 @@ def test_classes_errors():
         load_partition(class_cfg(3), toy(9, classes=3), 0, 6, 0)
     with pytest.raises(DataError, match="no such column"):
         load_partition(DataConfig(partitioner="classes", partition_by="y"), ds, 0, 2, 0)
+
+
+def test_dirichlet_over_many_small_clients_falls_back_to_a_floored_split(caplog):
+    # 1,000 clients x ~67 examples at alpha 0.5 (SST-2's shape): flwr-datasets' draw
+    # cannot give every client its minimum; the floored split does.
+    from fedsplit.data import assigned_partitioner
+
+    n, k = 67_000, 1_000
+    ds = datasets.Dataset.from_dict({"idx": list(range(n)), "label": [i % 2 for i in range(n)]})
+    cfg = DataConfig(partitioner="dirichlet", alpha=0.5)
+    with caplog.at_level("WARNING"):
+        parts = assigned_partitioner(cfg, ds, k, seed=0)
+        sizes = [len(parts.load_partition(p)) for p in range(k)]
+    assert "Dirichlet proportions" in caplog.text
+    assert min(sizes) >= 3 and sum(sizes) == n  # every row once (checked below)
+    shares = [label_shares(parts.load_partition(p), 2)[0] for p in range(0, k, 50)]
+    assert np.std(shares) > 0.2  # label-skewed, not IID (IID: std ~0.06)
+    ids = np.concatenate([parts.load_partition(p)["idx"] for p in range(k)])
+    assert np.array_equal(np.sort(ids), np.arange(n))
+    again = assigned_partitioner(cfg, ds, k, seed=0).load_partition(7)["idx"]
+    assert list(again) == list(parts.load_partition(7)["idx"])
+
+
+def test_floored_dirichlet_keeps_the_floor_and_refuses_too_few_rows():
+    from fedsplit.data.dirichlet import floored_dirichlet
+
+    labels = np.array(["pos", "neg", "neu"] * 40)
+    shards = floored_dirichlet(labels, 10, 0.1, floor=5, seed=3)
+    assert min(len(s) for s in shards) >= 5
+    assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(120))
+    with pytest.raises(ValueError, match="cannot give 30 clients 5 each"):
+        floored_dirichlet(labels, 30, 0.1, floor=5, seed=3)
