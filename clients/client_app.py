@@ -40,7 +40,9 @@ from fedsplit.protocol import (
     KEY_CODECS,
     KEY_CURSOR,
     KEY_DEVICE,
+    KEY_FROZEN_DIGEST,
     KEY_OVERRIDES,
+    KEY_NUM_EXAMPLES,
     KEY_PARTITION,
     KEY_PLAN,
     KEY_ROUND,
@@ -53,7 +55,8 @@ from fedsplit.pruning import token_counts, token_embedding
 from fedsplit.runtime import resolve_device
 from fedsplit.split.layout import ClientPlan, ModelLayout, client_layout
 from fedsplit.split.norm import load_norm_state, norm_state
-from fedsplit.sync import decode_global
+from fedsplit.sync import BASE_MISMATCH, decode_global, load_segment
+from fedsplit.trainable import apply_trainable, freezes_base
 from fedsplit.tasks import Task, build_task
 
 # Config sections only the server reads: a client need not have the strategy's code
@@ -114,9 +117,16 @@ def client_partition(task: Task, context: Context, run: RunKey) -> Any:
 def build_layout(cfg: Any) -> ModelLayout:
     """The model ``model`` describes and its layout, weights to be loaded. Built outside
     the client's random stream: a message's dropout draws must not depend on whether
-    this worker had the model already."""
+    this worker had the model already.
+
+    A run that freezes parameters (``lora``, ``train.trainable``) builds the pre-trained
+    weights here, seeded as the server seeds its build, because frozen parameters are not
+    sent (the server sends their digest; see :func:`fedsplit.sync.load_segment`)."""
     with torch.random.fork_rng(devices=[]):
-        return client_layout(build_model(cfg.model, pretrained=False), cfg)
+        frozen = freezes_base(cfg)
+        if frozen:
+            torch.manual_seed(cfg.run.seed)  # as fedsplit.server.app seeds its build
+        return client_layout(build_model(cfg.model, pretrained=frozen), cfg)
 
 
 def root_certificates(cfg: Any, context: Context) -> bytes | None:
@@ -178,7 +188,8 @@ def train(msg: Message, context: Context) -> Message:
     with ExitStack() as lent:  # this message's own task and model, given back on success
         task = lent.enter_context(kept.tasks.borrow(key, lambda: build_task(cfg)))
         layout = lent.enter_context(kept.layouts.borrow(
-            (run, cache.digest(cfg.model)), lambda: build_layout(cfg)))
+            (run, cache.digest(cfg.model), cache.digest(cfg.lora), freezes_base(cfg)),
+            lambda: build_layout(cfg)))
         reply = train_round(msg, context, cfg, plan, task, layout, run, start)
         layout.root.zero_grad(set_to_none=True)  # an idle model keeps no gradients
         return reply
@@ -201,7 +212,15 @@ def train_round(msg: Message, context: Context, cfg: Any, plan: ClientPlan, task
     mode = plan.kind
     aux = AuxHead.from_state(reference, "aux.") if mode.needs_aux() else None
     held = layout.client_module(plan, aux)  # what this client trains under its plan
-    held.load_state_dict(reference, strict=True)
+    if freezes_base(cfg):  # this client's own train.trainable (a shared model: every time)
+        apply_trainable(layout.root, cfg)
+    problem = load_segment(held, reference, str(config.get(KEY_FROZEN_DIGEST, "")))
+    if problem is not None:  # frozen weights differ: train nothing, ask for the full segment
+        metrics = {KEY_NUM_EXAMPLES: 0, BASE_MISMATCH: 1,
+                   "sync-bytes-down": array_record_bytes(msg.content["arrays"])}
+        content = RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord(metrics)})
+        print(f"[fedsplit] client {pid}: {problem}; asking for the full segment", flush=True)
+        return Message(content=content, reply_to=msg)
     local_norm = cfg.model.batch_norm == "local"  # FedBN: this client's own BatchNorm layers
     if local_norm and NORM_STATE in context.state:
         load_norm_state(held, context.state[NORM_STATE].to_torch_state_dict())

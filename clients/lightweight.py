@@ -30,6 +30,7 @@ from fedsplit.pruning import (
 )
 from fedsplit.quantization import prepare_qat, strip_qat_state
 from fedsplit.sync import encode_client
+from fedsplit.trainable import synced_keys
 
 
 def client_target(cfg: Any, partition_id: int, node_config: Any) -> float:
@@ -96,7 +97,8 @@ class SegmentCompression:
         """The trained segment as its uplink record, and the round's segment metrics."""
         if self.enforcer is not None:
             self.enforcer.remove()
-        state = {k: v.detach() for k, v in segment.state_dict().items()}
+        synced = set(synced_keys(segment))  # frozen parameters never travel
+        state = {k: v.detach() for k, v in segment.state_dict().items() if k in synced}
         if self.cfg.quant.qat:
             state = strip_qat_state(state)
         masks = self.masks
@@ -106,7 +108,7 @@ class SegmentCompression:
         floats = [v for v in state.values() if v.is_floating_point()]
         total = sum(v.numel() for v in floats)
         nonzero = sum(int(torch.count_nonzero(v)) for v in floats)
-        trained = sum(p.numel() for p in segment.parameters())
+        trained = sum(p.numel() for p in segment.parameters() if p.requires_grad)
         return record, {
             "sparsity": 1.0 - nonzero / max(total, 1),
             "target-sparsity": self.sparsity,

@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedsplit.config import load_config  # noqa: E402
 from fedsplit.models import build_model  # noqa: E402
 from fedsplit.optim import make_optimizer, set_lr  # noqa: E402
-from fedsplit.split import full_forward  # noqa: E402
+from fedsplit.split import full_forward, split_model  # noqa: E402
+from fedsplit.split.layout import client_layout  # noqa: E402
+from fedsplit.trainable import freezes_base  # noqa: E402
 from fedsplit.runtime import seed_everything  # noqa: E402
 from fedsplit.prepare import prepare_run  # noqa: E402
 
@@ -51,7 +53,8 @@ def evaluate_full(model: torch.nn.Module, loader: Any, objective: Any) -> dict[s
         correct += objective.correct(output, targets)
         n += count
     model.train()
-    return {"accuracy": correct / n, "loss": loss_sum / n}
+    out = {"accuracy": correct / n, "loss": loss_sum / n}
+    return {**out, **objective.metrics(out)}  # e.g. perplexity
 
 
 def train_centralized(cfg: Any, samples: int, eval_every: int | None = None,
@@ -68,6 +71,8 @@ def train_centralized(cfg: Any, samples: int, eval_every: int | None = None,
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
     model = build_model(cfg.model, pretrained=True)
+    if freezes_base(cfg):  # the run's LoRA adapters / train.trainable, as every side has
+        model = client_layout(model, cfg).root
     train = task.encode(train_set)
     test_loader = task.loader(task.encode(test_set), cfg.eval.batch_size, shuffle=False)
     objective = task.objective
@@ -76,7 +81,7 @@ def train_centralized(cfg: Any, samples: int, eval_every: int | None = None,
     rng = np.random.default_rng(cfg.run.seed)
     order = np.concatenate([rng.permutation(len(train_set))
                             for _ in range(math.ceil(steps * bs / len(train_set)))])[: steps * bs]
-    opt = make_optimizer(model.parameters(), cfg.train)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
     model.train()
     rows, seen, train_seconds, step = [], 0, 0.0, 0
     eval_every = eval_every or samples
@@ -104,6 +109,9 @@ def train_centralized(cfg: Any, samples: int, eval_every: int | None = None,
                 print(f"[centralized] samples {seen:6d}  accuracy {100 * row['accuracy']:.2f}%  "
                       f"loss {row['loss']:.4f}  train {train_seconds:.1f}s", flush=True)
                 next_eval += eval_every
+    scorer = task.held_out_scorer(test_set) if evaluate else None
+    if scorer is not None:  # e.g. generation + BLEU, on the same prompts as the split runs
+        rows[-1].update(scorer(split_model(model, cfg.model.cut)))
     return {"rows": rows, "samples": seen, "steps": steps, "train_seconds": train_seconds}
 
 

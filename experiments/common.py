@@ -129,6 +129,17 @@ def row_parser(doc: str | None, rows: list[str] | None) -> argparse.ArgumentPars
     return parser
 
 
+def named_rows(parser: argparse.ArgumentParser, asked: list[str] | None,
+               rows: list[str]) -> list[str]:
+    """The rows ``--rows`` names (``None``: all of ``rows``); an unknown name is a usage
+    error that lists the known ones."""
+    names = list(rows) if asked is None else asked
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {list(rows)}")
+    return names
+
+
 class FinishedModel:
     """A finished run's global model, for inference probes (``prune_probe``, ``cut_probe``).
 

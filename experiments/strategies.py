@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import final_accuracy, row_parser, run_rows  # noqa: E402
+from experiments.common import final_accuracy, named_rows, row_parser, run_rows  # noqa: E402
 from fedsplit.config import load_config  # noqa: E402
 from fedsplit.metrics import plot_accuracy  # noqa: E402
 
@@ -102,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = rows_for(args.profiles, args.devices, args.server, args.budget_mbps,
                     steps_per_round(args.config, args.clients))
-    names = args.rows or list(rows)
-    unknown = [n for n in names if n not in rows]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; choose from {list(rows)}")
+    names = named_rows(parser, args.rows or None, list(rows))
     out = Path(args.out)
     stored = run_rows(rows, names, args.config, args.clients, args.rounds, out, args.overrides,
                       fresh=args.fresh,

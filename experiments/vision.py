@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.centralized import samples_per_round, train_centralized  # noqa: E402
-from experiments.common import final_accuracy, row_parser, run_rows  # noqa: E402
+from experiments.common import final_accuracy, named_rows, row_parser, run_rows  # noqa: E402
 from fedsplit.config import load_config  # noqa: E402
 
 CONFIG = "configs/cifar10_resnet20.yaml"
@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.set_defaults(config=CONFIG, rounds=load_config(CONFIG).train.rounds,
                         out="runs/vision")
     args = parser.parse_args(argv)
-    names = list(ROWS) + [CENTRALIZED] if args.rows is None else args.rows
-    unknown = [n for n in names if n not in ROWS and n != CENTRALIZED]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; choose from {[*ROWS, CENTRALIZED]}")
+    names = named_rows(parser, args.rows, [*ROWS, CENTRALIZED])
     out = Path(args.out)
     central = None
     if CENTRALIZED in names or (out / "vision_centralized.json").exists():

@@ -47,8 +47,9 @@ def with_resolved_paths(cfg: Any) -> Any:
     path = plain["model"]["path"]
     if path and not path.startswith("python:"):
         resolved = resolve_path(path)
-        # A hub name ("org/model") stays as it is unless such a folder exists locally.
-        if os.path.isdir(resolved):
+        # A hub name ("org/model") stays as it is unless such a folder exists locally;
+        # a local file (a .gguf checkpoint) becomes absolute too.
+        if os.path.isdir(resolved) or os.path.isfile(resolved):
             plain["model"]["path"] = resolved
     out = OmegaConf.create(plain)
     OmegaConf.set_readonly(out, True)

@@ -26,25 +26,22 @@ def _check_files(key: str, paths: list[str], problems: list[str]) -> None:
 
 
 def _check_data(cfg: Any, problems: list[str]) -> None:
-    """Load the data ``cfg`` names, as the ServerApp will, and report what fails: a file
-    the builders cannot read, a missing column, labels that do not fit
-    ``model.num-labels``, an image column whose first image does not decode. Loads are
-    cached by ``datasets``, so the ServerApp's own load afterwards is cheap."""
-    from fedsplit.data import (
-        DataError,
-        check_labels,
-        decode_images,
-        is_image_dataset,
-        load_splits,
-    )
+    """Load the data ``cfg`` names, as the ServerApp will (through the task), and report
+    what fails: a file the builders cannot read, a missing column, a split the task's
+    :meth:`~fedsplit.tasks.Task.check_split` refuses (classification: labels that do not
+    fit ``model.num-labels``), an image column whose first image does not decode. Loads
+    are cached by ``datasets``, so the ServerApp's own load afterwards is cheap."""
+    from fedsplit.data import DataError, decode_images, is_image_dataset
+    from fedsplit.tasks import build_task
 
     def report(key: str, where: str, exc: Exception) -> None:
         msg = str(exc)
         problems.append(msg if msg.startswith(f"`{key}`") else f"`{key}` ({where}): {msg}")
 
     d = cfg.data
+    task = build_task(cfg)
     try:
-        train, test = load_splits(d, seed=cfg.run.seed)
+        train, test = task.load_splits()
     except Exception as exc:  # noqa: BLE001 - DataError, or a builder's own failure
         msg = str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}"
         problems.append(msg if msg.startswith("`data.") else f"`data`: {msg}")
@@ -58,7 +55,7 @@ def _check_data(cfg: Any, problems: list[str]) -> None:
             key = "data.hub-name" if d.name == "hub" else "data.name"
             where = f"{d.hub_name or d.name}, {split} split"
         try:
-            check_labels(ds, d.label_column, cfg.model.num_labels)
+            task.check_split(ds)
         except DataError as exc:
             report(key, where, exc)
         if image and len(ds):

@@ -29,6 +29,7 @@ KEY_CODECS = "channel-codecs"  # JSON [up, down]: this client's codec specs
 KEY_CURSOR = "data-cursor"  # samples this client consumed so far (its place in its data)
 KEY_PLAN = "client-plan"  # JSON ClientPlan: cut, training mode, back cut
 KEY_OVERRIDES = "client-overrides"  # JSON {section.key: value}: this client's run config
+KEY_FROZEN_DIGEST = "frozen-digest"  # fedsplit.sync.frozen_digest of what was not sent
 # Query reply (asked once per client and run, see strategies.directory.ClientDirectory):
 KEY_CLIENT = "client-key"  # the stable name of a client
 KEY_DEVICE = "device-profile"  # its node config's device kind ("" if none)

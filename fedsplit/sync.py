@@ -13,6 +13,15 @@ array holding :mod:`fedsplit.quantization` bytes:
 With ``quant.compress`` either payload is zlib-compressed (level 1, lossless) and travels
 under the key with a ``-zlib`` suffix. Byte counts of both directions are the exact
 protobuf sizes of these ArrayRecords (compressed sizes where compressed).
+
+Frozen parameters (``lora``, ``train.trainable``; :mod:`fedsplit.trainable`) do not travel.
+The server sends only a segment's synced entries (trainable parameters and buffers) and,
+in the train config, :func:`frozen_digest` of the entries it left out; the client, which
+built the same pre-trained weights itself, loads what came with :func:`load_segment`,
+which compares that digest with the digest of its own copies of the missing entries. On a
+mismatch it trains nothing and says so (:data:`BASE_MISMATCH`); the server then sends that
+client the whole segment next time. Clients send back only their synced entries, and
+the server averages only those.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import hashlib
 import zlib
 
 import numpy as np
@@ -125,3 +135,44 @@ def decode_client(record: ArrayRecord, reference: StateDict,
     if data is None:
         return record.to_torch_state_dict(), None
     return decode_update(data, reference=reference, base=base)
+
+
+# ---------------------------------------------------------------- frozen parameters
+BASE_MISMATCH = "frozen-base-mismatch"  # client metric: 1 = its frozen tensors differ
+
+
+def frozen_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) over ``state``'s entries in key order: each key, dtype, shape and the
+    raw bytes. Equal digests mean equal tensors, bit for bit, under equal keys."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_segment(module: torch.nn.Module, received: Mapping[str, torch.Tensor],
+                 digest: str) -> str | None:
+    """Client: load the received entries into ``module``; ``None`` when done, else why
+    not (nothing is loaded then).
+
+    ``digest`` empty: ``received`` must be the whole state (loaded strictly, as before).
+    Otherwise the entries not received must be the module's own and hash to ``digest``
+    (:func:`frozen_digest` on the server's copies)."""
+    if not digest:
+        module.load_state_dict(received, strict=True)
+        return None
+    own = module.state_dict()
+    unknown = sorted(set(received) - set(own))
+    if unknown:
+        raise SyncError(f"the server sent entries {unknown[:3]} that this client's segment "
+                        "does not have; both sides must build the same model")
+    kept = {k: v for k, v in own.items() if k not in received}
+    mine = frozen_digest(kept)
+    if mine != digest:
+        return (f"the {len(kept)} frozen entries this client built hash to {mine[:12]}, the "
+                f"server's to {digest[:12]}: it holds other pre-trained weights (model.path, "
+                "seed or library version differ)")
+    module.load_state_dict(received, strict=False)
+    return None

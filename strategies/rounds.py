@@ -33,6 +33,7 @@ from fedsplit.protocol import (
     KEY_ADDRESS,
     KEY_CODECS,
     KEY_CURSOR,
+    KEY_FROZEN_DIGEST,
     KEY_NUM_EXAMPLES,
     KEY_OVERRIDES,
     KEY_PLAN,
@@ -46,7 +47,8 @@ from fedsplit.protocol import (
 from fedsplit.quantization import QuantizationError
 from fedsplit.server.layerwise import SegmentUpdate, to_global
 from fedsplit.split.layout import ClientPlan, ModelLayout
-from fedsplit.sync import SyncError, decode_client, encode_global
+from fedsplit.sync import BASE_MISMATCH, SyncError, decode_client, encode_global, frozen_digest
+from fedsplit.trainable import synced_keys
 from strategies.directory import ClientDirectory
 
 
@@ -69,7 +71,8 @@ class SentSegment(NamedTuple):
     plan: ClientPlan
     reference: dict[str, torch.Tensor]  # what the client decoded (its delta's origin)
     base: dict[str, torch.Tensor]  # the full-precision segment it was encoded from
-    keys: dict[str, str]  # client state-dict key -> global key
+    keys: dict[str, str]  # client state-dict key -> global key, of what it sends back
+    digest: str = ""  # frozen_digest of the entries not sent ("": everything was sent)
 
 
 class ChannelAccess(NamedTuple):
@@ -82,10 +85,15 @@ class ChannelAccess(NamedTuple):
 
 def encode_segment(cfg: Any, layout: ModelLayout, plan: ClientPlan, aux: nn.Module | None,
                    extras: Mapping[str, nn.Module],
-                   global_masks: Mapping[str, torch.Tensor] | None,
+                   global_masks: Mapping[str, torch.Tensor] | None, full: bool = False,
                    ) -> tuple[ArrayRecord, SentSegment]:
     """What a client with ``plan`` is sent: the part of the global model it trains (and
     its aux head ``aux``, one of the global ``extras``), encoded for the downlink.
+
+    Frozen parameters (:mod:`fedsplit.trainable`) are left out unless ``full`` (a client
+    whose own copies did not match): the client checks its copies against the digest
+    :meth:`RoundBook.train_message` puts in its config (:func:`fedsplit.sync.load_segment`).
+    Either way the client sends back only its synced entries.
 
     Returns
     -------
@@ -95,12 +103,18 @@ def encode_segment(cfg: Any, layout: ModelLayout, plan: ClientPlan, aux: nn.Modu
     module = layout.client_module(plan, aux=aux)  # type: ignore[arg-type]
     own_extras = {name: m for name, m in extras.items() if m is aux} if aux is not None else {}
     keys = layout.key_map(module, own_extras)
-    state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    synced = set(synced_keys(module))
+    live = module.state_dict()
+    sent = live.keys() if full else synced
+    state = {k: v.detach().cpu().clone() for k, v in live.items() if k in sent}
+    digest = frozen_digest({k: v for k, v in live.items() if k not in sent}) if len(
+        state) < len(live) else ""
     masks = None
     if global_masks:
         masks = {k: global_masks[g] for k, g in keys.items() if g in global_masks}
     record, reference = encode_global(cfg, ArrayRecord(state), masks or None)
-    return record, SentSegment(plan, reference, state, keys)
+    return record, SentSegment(plan, reference, state,
+                               {k: g for k, g in keys.items() if k in synced}, digest)
 
 
 def client_seed(run_seed: int, server_round: int, client_key: str) -> int:
@@ -161,12 +175,16 @@ class RoundBook:
         ``{server round: RoundStats}`` of every round opened so far.
     sent
         ``{node id: SentSegment}`` of the round in progress.
+    needs_base
+        Nodes whose frozen parameters did not match the server's (their reply said
+        :data:`~fedsplit.sync.BASE_MISMATCH`): they get the whole segment next time.
     """
 
     def __init__(self, directory: ClientDirectory) -> None:
         self.directory = directory
         self.rounds: dict[int, RoundStats] = {}
         self.sent: dict[int, SentSegment] = {}
+        self.needs_base: set[int] = set()
 
     def open(self, server_round: int) -> RoundStats:
         """Start the records of ``server_round`` (its clock starts now) and forget what
@@ -181,6 +199,10 @@ class RoundBook:
                       config_key: str) -> Message:
         """The client's train message; remembers what it was sent and counts the bytes."""
         self.sent[node_id] = sent
+        if sent.digest:  # the client checks its frozen parameters against it
+            record[KEY_FROZEN_DIGEST] = sent.digest
+        else:
+            self.needs_base.discard(node_id)
         content = RecordDict({arrays_key: arrays, config_key: record})
         stats.sync_bytes_down += array_record_bytes(arrays)
         return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
@@ -238,6 +260,12 @@ class RoundBook:
                 len(msg.content.array_records), len(msg.content.metric_records))
             return None
         metrics = next(iter(msg.content.metric_records.values()))
+        if metrics.get(BASE_MISMATCH):
+            log(WARNING, "aggregate_train: node %d's frozen parameters differ from the "
+                "server's (digest %s...): it trained nothing and gets the whole segment "
+                "next time.", node, self.sent[node].digest[:12])
+            self.needs_base.add(node)
+            return None
         if KEY_NUM_EXAMPLES not in metrics:
             log(WARNING, "aggregate_train: node %d's MetricRecord lacks `%s`; its update is "
                 "skipped.", node, KEY_NUM_EXAMPLES)
@@ -281,3 +309,16 @@ class RoundBook:
                 self.directory.advance(int(node), t.examples)
         for node, examples in alone:
             self.directory.advance(node, int(examples))
+
+
+def log_split_summary(strategy: Any) -> None:
+    """The split-learning lines of a :class:`~strategies.splitfed.SplitFedAvg`'s summary
+    (after Flower's own)."""
+    log(INFO, "\t└──> Split learning:")
+    log(INFO, "\t\t├── Strategy: %s (clients train in mode %r)", type(strategy).__name__,
+        strategy.mode)
+    log(INFO, "\t\t├── Cuts: %s",
+        strategy.cuts or strategy.device_cuts or strategy.cfg.model.cut)
+    log(INFO, "\t\t├── Server segments: %s", strategy.server_segments)
+    log(INFO, "\t\t├── Split channel: %s", strategy.channel.address)
+    log(INFO, "\t\t└── Codecs (up, down): %s", strategy.channel.codec_specs)

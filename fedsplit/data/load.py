@@ -9,7 +9,8 @@ Three sources, chosen by ``data.name``:
 ``files``
     Local files through the ``datasets`` packaged builders: ``.tsv``/``.csv`` (csv;
     headerless files take their column names from ``data.column-names``),
-    ``.json``/``.jsonl`` (json) and ``.parquet`` (``Image`` features kept), or a folder
+    ``.json``/``.jsonl`` (json), ``.parquet`` (``Image`` features kept), ``.txt``
+    (text: one row per file, its whole text in ``data.text-column``), or a folder
     of images in one subfolder per class (imagefolder: an image column named
     ``data.image-column`` and a ``ClassLabel`` label column). Every file gets a
     ``data.source-column`` holding its parent folder's name (``amazon/books/train.tsv``
@@ -30,7 +31,7 @@ import bz2
 import csv
 import gzip
 import lzma
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,14 @@ __all__ = ["DataError", "check_labels", "is_image_dataset", "load_splits", "requ
 # Compression suffixes the ``datasets`` builders decompress on the fly.
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".zip"}
 _BUILDERS = {".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json",
-             ".parquet": "parquet", ".pq": "parquet"}
+             ".parquet": "parquet", ".pq": "parquet", ".txt": "text"}
 _QUOTING = {"minimal": csv.QUOTE_MINIMAL, "none": csv.QUOTE_NONE}
 
 
-def load_splits(data_cfg: Any, seed: int, *,
-                cache_dir: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+def load_splits(data_cfg: Any, seed: int, *, cache_dir: str | None = None,
+                columns: Mapping[str, str] | None = None,
+                rows: Callable[[datasets.Dataset], datasets.Dataset] | None = None,
+                ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Load ``(train, test)`` as configured by ``data_cfg`` (a ``DataConfig``).
 
     Parameters
@@ -61,6 +64,13 @@ def load_splits(data_cfg: Any, seed: int, *,
         Seed of the digits held-out split and of the ``max-*-samples`` subsets.
     cache_dir : str | None
         Cache folder of ``datasets`` (default: its own, ``~/.cache/huggingface``).
+    columns : Mapping[str, str] | None
+        A task without class labels (causal-lm): the columns each split must have, each
+        with the config key naming it (``{"mr": "data.prompt-column"}``); labels are then
+        neither required nor encoded. ``None``: an image/text column and the labels.
+    rows : Callable[[datasets.Dataset], datasets.Dataset] | None
+        Turns each loaded split into the rows that are capped by ``max-*-samples`` and
+        partitioned (e.g. token blocks cut from whole documents); ``None`` keeps them.
 
     Returns
     -------
@@ -89,7 +99,11 @@ def load_splits(data_cfg: Any, seed: int, *,
     else:
         raise DataError(f"`data.name`: unknown dataset loader {data_cfg.name!r}; "
                         "choose one of digits, files, hub")
-    if data_cfg.name == "digits":
+    if columns is not None:
+        required = list(columns)
+        fix = "set " + " / ".join(f"`{key}`" for key in dict.fromkeys(columns.values())) + \
+            " to the right names"
+    elif data_cfg.name == "digits":
         required, fix = [data_cfg.label_column], "set `data.label-column`"
     elif is_image_dataset(train, data_cfg):
         required = [data_cfg.image_column, data_cfg.label_column]
@@ -99,8 +113,10 @@ def load_splits(data_cfg: Any, seed: int, *,
         fix = "set `data.text-column` / `data.label-column` to the right names"
     for split, ds in (("train", train), ("test", test)):
         require_columns(ds, required, f"the {split} set ({_describe(data_cfg, split)})", fix)
-    # Before subsampling: the classes do not depend on `data.max-train-samples`.
-    train, test = encode_labels(train, test, data_cfg.label_column)
+    if columns is None:  # before subsampling: the classes do not depend on max-train-samples
+        train, test = encode_labels(train, test, data_cfg.label_column)
+    if rows is not None:
+        train, test = rows(train), rows(test)
     train = _subsample(train, data_cfg.max_train_samples, seed)
     test = _subsample(test, data_cfg.max_test_samples, seed)
     return train, test
@@ -147,11 +163,16 @@ def _resolve(path: str) -> Path:
     return p if p.is_absolute() else Path.cwd() / p
 
 
-def _builder_of(path: Path, key: str) -> tuple[str, dict[str, Any]]:
-    suffixes = [s.lower() for s in path.suffixes]
+def file_kind(path: str | Path) -> str:
+    """The file's extension without compression suffixes (``a.txt.gz`` -> ``.txt``)."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
     while suffixes and suffixes[-1] in _COMPRESSION:
         suffixes.pop()
-    ext = suffixes[-1] if suffixes else ""
+    return suffixes[-1] if suffixes else ""
+
+
+def _builder_of(path: Path, key: str) -> tuple[str, dict[str, Any]]:
+    ext = file_kind(path)
     if ext not in _BUILDERS:
         raise DataError(f"`{key}`: cannot read {path}: unknown file kind {ext or '(none)'!r}; "
                         f"supported: {', '.join(sorted(_BUILDERS))} (optionally compressed "
@@ -165,6 +186,8 @@ def _load_file(path: Path, data_cfg: Any, key: str, cache_dir: str | None) -> da
     builder, csv_opts = _builder_of(path, key)
     kwargs: dict[str, Any] = {}
     names = list(data_cfg.column_names)
+    if builder == "text":  # one row per file: documents stay whole (EOS goes between them)
+        kwargs = {"sample_by": "document", "keep_linebreaks": True}
     if builder == "csv":
         kwargs = {
             **csv_opts,
@@ -188,6 +211,8 @@ def _load_file(path: Path, data_cfg: Any, key: str, cache_dir: str | None) -> da
         raise DataError(f"`{key}`: could not read {path} with the {builder!r} builder: "
                         f"{type(exc).__name__}: {exc}{hint}") from exc
     assert isinstance(ds, datasets.Dataset)
+    if builder == "text" and data_cfg.text_column not in ds.column_names:
+        ds = ds.rename_column("text", data_cfg.text_column)  # the config's name wins
     if builder == "csv" and names and ds.column_names != names:
         raise DataError(f"`{key}`: {path} read with `data.column-names`={names} gave the "
                         f"columns {ds.column_names}; give one name per field of the file")

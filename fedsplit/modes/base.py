@@ -54,7 +54,7 @@ class LocalResult:
         n = max(self.num_examples, 1)
         out = {
             "num-examples": self.num_examples,
-            "train-loss": self.loss_sum / n,
+            "train-loss": self.loss_sum / max(self.scored, 1),  # per scored unit (token)
             "train-accuracy": self.correct / max(self.scored, 1),
             "client-seconds-per-batch": self.compute_seconds / max(self.steps, 1),
             "client-seconds": self.seconds,
@@ -65,11 +65,14 @@ class LocalResult:
         return out
 
     def add(self, batch_size: int, loss: float, correct: int, scored: int | None = None) -> None:
+        """One batch: ``loss`` is its mean over its ``scored`` units (default: samples),
+        so the round's loss is weighted by them (tokens for language models)."""
+        scored = batch_size if scored is None else scored
         self.num_examples += batch_size
         self.steps += 1
-        self.loss_sum += loss * batch_size
+        self.loss_sum += loss * scored
         self.correct += correct
-        self.scored += batch_size if scored is None else scored
+        self.scored += scored
 
 
 @dataclass

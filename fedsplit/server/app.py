@@ -131,6 +131,8 @@ def _serve(grid: Grid, cfg: DictConfig, build_strategy: StrategyFactory) -> RunW
                     "metrics": writer.rows, "rng": checkpoint.rng_state(),
                     "num_threads": torch.get_num_threads()})
 
+        scorer = task.held_out_scorer(test_set)  # e.g. generation + BLEU (causal-lm)
+
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round == 0:
                 return None  # no round-0 evaluation: the plot starts at round 1
@@ -140,6 +142,9 @@ def _serve(grid: Grid, cfg: DictConfig, build_strategy: StrategyFactory) -> RunW
             if server_round % cfg.eval.every == 0 or last:
                 split.client.load_state_dict(arrays.to_torch_state_dict())
                 row.update(strategy.evaluate_round(server_round, split, test_loader))
+                every = cfg.eval.generate_every
+                if scorer is not None and (last or (every and server_round % every == 0)):
+                    row.update(scorer(split))
                 if cfg.eval.through_codec:  # split inference: activations cross codec.up
                     inferred = evaluate(split, test_loader, task.objective, up_codec=codec_up,
                                         seed=cfg.run.seed)

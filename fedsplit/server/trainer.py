@@ -49,6 +49,7 @@ from fedsplit.server.layerwise import LayerSums, to_global
 from fedsplit.split import SplitModel
 from fedsplit.split.layout import ClientPlan, LayoutError, ModelLayout
 from fedsplit.tasks.base import Objective, TargetError
+from fedsplit.trainable import synced_keys
 
 SEGMENTS = ("replica", "shared")
 
@@ -299,9 +300,11 @@ class ServerTrainer:
                 return  # trained no batch: nothing to fold
             self.finished.append(client)
         with rep.lock:
-            # Aggregation runs on the CPU, whatever run.device is (clients' copies are there).
-            state = to_global({k: v.cpu() for k, v in rep.module.state_dict().items()},
-                              rep.keys)
+            # Aggregation runs on the CPU, whatever run.device is (clients' copies are there);
+            # frozen parameters (fedsplit.trainable) are not averaged: they did not change.
+            synced = set(synced_keys(rep.module))
+            state = to_global({k: v.cpu() for k, v in rep.module.state_dict().items()
+                               if k in synced}, rep.keys)
         with self._lock:
             self._sums.add(state, float(num_examples))
 
@@ -327,7 +330,8 @@ class ServerTrainer:
             # dropped out later (SFLV2's policy): each layer weighs the examples through it.
             weights: dict[str, float] = {}
             for shared in self._shared.values():
-                for key in shared.keys.values():
+                synced = set(synced_keys(shared.module))
+                for key in (g for k, g in shared.keys.items() if k in synced):
                     weights[key] = weights.get(key, 0.0) + shared.examples
             if any(weights.values()):
                 state = {k: v.cpu() for k, v in self.layout.root.state_dict().items()}

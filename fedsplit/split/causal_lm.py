@@ -14,8 +14,9 @@ own, else ``0..T-1`` as the model's default). Each side builds the layers' causa
 with transformers' own ``create_causal_mask`` (and ``create_sliding_window_causal_mask``
 for Qwen2's sliding-window layers), which follows ``config._attn_implementation``; the
 rotary embedding (a parameter-free module) is computed on each side from the position
-ids, so the server needs no cos/sin tensors over the wire. No KV cache is used
-(``use_cache=False``): this is training, one full sequence per forward.
+ids, so the server needs no cos/sin tensors over the wire. Training uses no KV cache (one
+full sequence per forward); greedy generation (:mod:`fedsplit.split.decoding`) passes each
+side's own cache to the same layer calls (the optional ``cache`` arguments).
 
 **Tied embeddings.** Llama/Qwen2 configs with ``tie_word_embeddings=True`` and GPT-2 use
 one matrix as the token embedding (client) and the LM head (server). Split learning
@@ -43,13 +44,14 @@ from typing import ClassVar
 import torch
 import transformers
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import Cache, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from fedsplit.registry import Registry
 from fedsplit.split.base import (
     SPLITTERS,
     Batch,
+    Block,
     ClientSegment,
     Cut,
     ServerSegment,
@@ -108,24 +110,34 @@ class DecoderFamily:
         return embeddings(ids)  # (B, T, H)
 
     def masks(self, config: PretrainedConfig, hidden: torch.Tensor,
-              padding: torch.Tensor | None, positions: torch.Tensor) -> Masks:
-        """The layers' attention masks, built exactly as the model's own forward does."""
+              padding: torch.Tensor | None, positions: torch.Tensor,
+              cache: Cache | None = None, first: Mapping[str, int] | None = None) -> Masks:
+        """The layers' attention masks, built exactly as the model's own forward does.
+
+        With a KV ``cache`` (generation, :mod:`fedsplit.split.decoding`): ``padding`` is
+        ``(B, past + T)`` and ``first`` maps each attention kind of this segment's layers
+        to its first layer index, the cache layer the mask is sized against.
+        """
         kwargs = {"config": config, "inputs_embeds": hidden, "attention_mask": padding,
-                  "past_key_values": None, "position_ids": positions}
-        masks: Masks = {"full_attention": create_causal_mask(**kwargs)}
+                  "past_key_values": cache, "position_ids": positions}
+        kinds = {"full_attention": create_causal_mask}
         if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-        return masks
+            kinds["sliding_attention"] = create_sliding_window_causal_mask
+        if cache is None:
+            return {kind: build(**kwargs) for kind, build in kinds.items()}
+        return {kind: build(**kwargs, layer_idx=first[kind])  # type: ignore[index]
+                for kind, build in kinds.items() if kind in (first or {})}
 
     def layer_kinds(self, config: PretrainedConfig, n: int) -> list[str]:
         """Each layer's attention kind (a key of :meth:`masks`), as ``config.layer_types``."""
         return list(getattr(config, "layer_types", None) or ["full_attention"] * n)
 
     def call_layer(self, layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
-                   positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
-                   ) -> torch.Tensor:
+                   positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                   cache: Cache | None = None) -> torch.Tensor:
+        """One layer; with ``cache`` it reads and extends its own entry (generation)."""
         return layer(hidden, attention_mask=mask, position_embeddings=rope,
-                     position_ids=positions, past_key_values=None, use_cache=False)
+                     position_ids=positions, past_key_values=cache, use_cache=cache is not None)
 
 
 DECODER_FAMILIES: Registry[type[DecoderFamily]] = Registry("decoder family")
@@ -178,10 +190,10 @@ class GPT2Family(DecoderFamily):
         return embeddings(ids, positions)  # (B, T, H)
 
     def call_layer(self, layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
-                   positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
-                   ) -> torch.Tensor:
+                   positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                   cache: Cache | None = None) -> torch.Tensor:
         del rope
-        return layer(hidden, None, mask, use_cache=False, position_ids=positions)
+        return layer(hidden, cache, mask, use_cache=cache is not None, position_ids=positions)
 
 
 def untie_word_embeddings(model: PreTrainedModel) -> bool:
@@ -225,21 +237,24 @@ class _Layers(nn.Module):
     def __init__(self, family: DecoderFamily, config: PretrainedConfig, start: int,
                  layers: list[nn.Module], positional: nn.Module | None) -> None:
         super().__init__()
-        self.family, self.config = family, config
+        self.family, self.config, self.start = family, config, start
         self.layers = nn.ModuleList(layers)
         self.kinds = family.layer_kinds(config, start + len(layers))[start:start + len(layers)]
         self.rotary = positional
 
     def run(self, hidden: torch.Tensor, padding: torch.Tensor | None,
-            positions: torch.Tensor) -> torch.Tensor:
+            positions: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """``(B, T, H) -> (B, T, H)``; with a KV ``cache`` (this segment's own, see
+        :mod:`fedsplit.split.decoding`) ``padding`` covers the cached tokens too."""
         if not self.layers:
             return hidden
-        masks = self.family.masks(self.config, hidden, padding, positions)
+        first = {kind: self.start + self.kinds.index(kind) for kind in set(self.kinds)}
+        masks = self.family.masks(self.config, hidden, padding, positions, cache, first)
         # Rotary cos, sin (B, T, head_dim), computed on each side from the position ids.
         rope = None if self.rotary is None else self.rotary(hidden, positions)
         for layer, kind in zip(self.layers, self.kinds, strict=True):
             # (B, T, H) -> (B, T, H)
-            hidden = self.family.call_layer(layer, hidden, masks[kind], positions, rope)
+            hidden = self.family.call_layer(layer, hidden, masks[kind], positions, rope, cache)
         return hidden
 
 
@@ -321,6 +336,28 @@ class CausalLMSplitter(Splitter):
         server = DecoderServer(family, model.config, cut, layers[cut:], positional,
                                family.final_norm(model), model.lm_head)
         return SplitModel(client, server)
+
+    def blocks(self, model: nn.Module) -> list[Block]:
+        assert isinstance(model, PreTrainedModel)
+        family = self.family(model)
+        untie_word_embeddings(model)
+        head = nn.ModuleDict({"norm": family.final_norm(model), "lm_head": model.lm_head})
+        return [Block("embeddings", family.embeddings(model)),
+                *(Block(f"layer.{i}", layer) for i, layer in enumerate(family.layers(model))),
+                Block("head", head)]
+
+    def span(self, model: nn.Module, start: int, stop: int | None) -> ServerSegment:
+        """Layers ``start..stop-1``; with ``stop=None`` also the final norm and LM head
+        (the u-shaped client's tail: ``-> logits (B, T, V)``)."""
+        assert isinstance(model, PreTrainedModel)
+        family = self.family(model)
+        untie_word_embeddings(model)
+        layers = family.layers(model)
+        tail = stop is None
+        return DecoderServer(family, model.config, start, layers[start:stop],
+                             family.positional(model),
+                             family.final_norm(model) if tail else nn.Identity(),
+                             model.lm_head if tail else nn.Identity())
 
     def full_forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Logits ``(B, T, V)`` of the unsplit model (no cache)."""

@@ -250,15 +250,26 @@ def client_layout(model: nn.Module, cfg: Any) -> ModelLayout:
     """The layout a run config describes (a fixed one for ``model.bottleneck-rank > 0``).
 
     ``model`` is ``build_model(cfg.model, ...)``; with a bottleneck it is split (and
-    changed) here, once, as :meth:`fedsplit.tasks.Task.split` does it.
+    changed) here, once, as :meth:`fedsplit.tasks.Task.split` does it. LoRA adapters
+    (``lora``) are injected first and ``train.trainable`` freezes the rest after, so the
+    server and every client build the same adapters and freeze the same parameters.
     """
+    from fedsplit.models.lora import apply_lora, lora_enabled  # issue 16: LoRA, trainable
+    from fedsplit.trainable import apply_trainable, freezes_base
+
+    if lora_enabled(cfg):
+        model = apply_lora(model, cfg)
     if cfg.model.bottleneck_rank:
         from fedsplit.split.bottleneck import split_with_bottleneck
 
         split = split_with_bottleneck(model, cfg.model.cut, cfg.model.bottleneck_rank,
                                       getattr(cfg.model, "bottleneck_residual", "none"))
-        return ModelLayout.fixed(split, cfg.model.cut)
-    return ModelLayout(model, cfg.model.cut)
+        layout = ModelLayout.fixed(split, cfg.model.cut)
+    else:
+        layout = ModelLayout(model, cfg.model.cut)
+    if freezes_base(cfg):
+        apply_trainable(layout.root, cfg)
+    return layout
 
 
 __all__ = ["MODES", "AuxHead", "ClientPlan", "LayoutError", "LocalLossClient", "ModelLayout",

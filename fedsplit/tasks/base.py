@@ -20,7 +20,7 @@ subclass in :data:`TASKS` with its own objective and inputs::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -60,6 +60,13 @@ class Objective(ABC):
         """Raise :class:`TargetError` unless ``targets`` fit a batch of ``batch_size``
         (the server calls this on every batch a client sends)."""
 
+    def metrics(self, summary: Mapping[str, float]) -> dict[str, float]:
+        """Held-out metrics derived from evaluation's ``summary`` (``accuracy``, ``loss``
+        per scored unit, ``examples`` = scored units), added to it and to the run's
+        ``metrics.jsonl`` (e.g. the causal-LM task's ``perplexity``); none by default."""
+        del summary
+        return {}
+
 
 class Task:
     """Data and objective of a run, built from its resolved config.
@@ -69,14 +76,38 @@ class Task:
     """
 
     name: ClassVar[str] = ""
+    # The strategy a config that names none (``strategy.name`` empty) runs.
+    default_strategy: ClassVar[str] = "sflv1"
+    # What a mode that sends the targets to the server gives away beyond the targets
+    # themselves ("" = nothing more); a strategy of such a mode warns with it.
+    targets_reveal: ClassVar[str] = ""
+    # Config keys only this task reads (``section.key``): another task refuses them when
+    # they are set, so that a key given to the wrong task fails instead of being ignored.
+    own_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.objective = self.make_objective()
         self._inputs: Any = None
 
+    def targets_leak(self, mode: Any) -> str:
+        """A warning when clients of training ``mode`` (a :class:`fedsplit.modes.Mode`)
+        give away more than labels by sending their targets; ``""`` when they do not."""
+        if not (self.targets_reveal and mode.sends_targets):
+            return ""
+        return (f"clients in mode {mode.name!r} send their targets to the server, and for "
+                f"task {self.name!r} {self.targets_reveal}; strategy.name=u-shaped keeps the "
+                "targets and the loss on the clients")
+
     def make_objective(self) -> Objective:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def config_problems(cls, flat: Mapping[str, Any]) -> list[str]:
+        """Problems of the flat config ``flat`` (``{"section.key": value}``) for this task,
+        each naming the key and the fix (run with the other config checks); none here."""
+        del flat
+        return []
 
     # ------------------------------------------------------------------ model
     def split(self, pretrained: bool = True) -> Any:
@@ -99,17 +130,33 @@ class Task:
     def attach(self, ds: Any) -> None:
         """Choose the input kind from ``ds`` (a raw dataset of this run)."""
         if self._inputs is None:
-            from fedsplit.tasks.inputs import inputs_for
+            self._inputs = self.make_inputs(ds)
 
-            self._inputs = inputs_for(ds, self.cfg)
+    def make_inputs(self, ds: Any) -> Any:
+        """The input kind of the raw dataset ``ds``: by default chosen from the data
+        (:func:`fedsplit.tasks.inputs.inputs_for`); a task with its own kind overrides."""
+        from fedsplit.tasks.inputs import inputs_for
+
+        return inputs_for(ds, self.cfg)
+
+    def load_splits(self) -> tuple[Any, Any]:
+        """The raw (train, test) sets as configured, not yet checked (see :meth:`datasets`)."""
+        from fedsplit.data import load_splits
+
+        return load_splits(self.cfg.data, seed=self.cfg.run.seed)
+
+    def check_split(self, ds: Any) -> None:
+        """Raise ``DataError`` unless the raw split ``ds`` fits the task (classification:
+        labels in ``[0, model.num-labels)``); the pre-flight check reports it per split."""
+        from fedsplit.data import check_labels
+
+        check_labels(ds, self.cfg.data.label_column, self.cfg.model.num_labels)
 
     def datasets(self) -> tuple[Any, Any]:
-        """The raw (train, test) sets, labels checked against the model's outputs."""
-        from fedsplit.data import check_labels, load_splits
-
-        train, test = load_splits(self.cfg.data, seed=self.cfg.run.seed)
+        """The raw (train, test) sets, each checked by :meth:`check_split`."""
+        train, test = self.load_splits()
         for ds in (train, test):
-            check_labels(ds, self.cfg.data.label_column, self.cfg.model.num_labels)
+            self.check_split(ds)
         self.attach(train)
         return train, test
 
@@ -151,6 +198,14 @@ class Task:
         """The text tokenizer (``None`` for other inputs)."""
         return getattr(self.inputs, "tokenizer", None)
 
+    def held_out_scorer(self, test: Any) -> Callable[[Any], dict[str, float]] | None:
+        """Extra held-out scores of the global split model beyond loss and accuracy (e.g.
+        generation scored with BLEU), as a function of the ``SplitModel``, built once
+        from the raw test split; ``None`` (the default) when the task has none. The
+        ServerApp calls it at the rounds ``eval.generate-every`` names and the last."""
+        del test
+        return None
+
     def prepare_config(self, train: Any) -> dict[str, Any]:
         """Settings the server derives from the whole training set once and ships to
         every client in the run config (e.g. measured image normalization), as flat
@@ -160,6 +215,24 @@ class Task:
 
 
 TASKS: Registry[type[Task]] = Registry("task")
+
+
+def task_problems(flat: Mapping[str, Any]) -> list[str]:
+    """Config problems of ``task.name`` (:meth:`Task.config_problems`), and keys owned by
+    another task (:attr:`Task.own_keys`) set away from their defaults."""
+    from fedsplit.config.schema import default_flat
+
+    name = flat["task.name"]
+    if name not in TASKS:
+        return [f"`task.name`: unknown task {name!r}; registered: {', '.join(TASKS.names())}"]
+    task = TASKS.get(name)
+    defaults = default_flat()
+    problems = [f"`{key}` is read only by task.name={other}; set task.name={other} or remove "
+                f"`{key}`"
+                for other in TASKS.names() if TASKS.get(other) is not task
+                for key in TASKS.get(other).own_keys
+                if key not in task.own_keys and flat.get(key, defaults[key]) != defaults[key]]
+    return problems + task.config_problems(flat)
 
 
 def build_task(cfg: Any) -> Task:

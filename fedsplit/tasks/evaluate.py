@@ -41,7 +41,9 @@ def reusable_batches(loader: Any, budget: int = KEEP_BYTES) -> Iterable[Any]:
 @torch.no_grad()
 def evaluate(split: Any, loader: Any, objective: Objective, up_codec: Any = None,
              seed: int = 0) -> dict[str, float]:
-    """Accuracy and mean loss of the composed split model on ``loader``.
+    """Accuracy and mean loss per scored unit (sample; token for language models) of the
+    composed split model on ``loader``, plus the objective's own metrics
+    (:meth:`Objective.metrics`, e.g. perplexity).
 
     Batches run where the client segment's parameters are (``run.device``).
     ``up_codec`` (a codec spec, as ``codec.up``): evaluate as split inference runs, the
@@ -65,6 +67,7 @@ def evaluate(split: Any, loader: Any, objective: Objective, up_codec: Any = None
         correct += objective.correct(output, targets)
         n += count
     out = {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1), "examples": float(n)}
+    out.update(objective.metrics(out))
     if transmit is not None:
         out["bytes_up"] = float(transmit.nbytes)
     return out

@@ -54,10 +54,14 @@ class TextInputs(Inputs):
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from fedsplit.models.hf import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.cfg.model)
+            self._tokenizer = self.load_tokenizer()
         return self._tokenizer
+
+    def load_tokenizer(self) -> Any:
+        """The model's tokenizer (``model.path``), loaded on first use."""
+        from fedsplit.models.hf import load_tokenizer
+
+        return load_tokenizer(self.cfg.model)
 
     def encode(self, ds: Any) -> Any:
         from fedsplit.data import encode_text

@@ -117,8 +117,8 @@ def test_missing_columns_lists_found_columns(tmp_path, cache):
 
 
 def test_unknown_extension(tmp_path, cache):
-    f = write(tmp_path / "x" / "train.txt", "hello\n")
-    with pytest.raises(DataError, match="unknown file kind '.txt'"):
+    f = write(tmp_path / "x" / "train.xyz", "hello\n")  # (.txt is read: causal-lm blocks)
+    with pytest.raises(DataError, match="unknown file kind '.xyz'"):
         load_splits(files_cfg([f], [f]), seed=0, cache_dir=cache)
 
 
