@@ -51,6 +51,7 @@ from fedsplit.protocol import (
     KEY_TOKEN,
     array_record_bytes,
 )
+from fedsplit.privacy import ClientPrivacy  # issue 17
 from fedsplit.pruning import token_counts, token_embedding
 from fedsplit.runtime import resolve_device
 from fedsplit.split.layout import ClientPlan, ModelLayout, client_layout
@@ -248,6 +249,8 @@ def train_round(msg: Message, context: Context, cfg: Any, plan: ClientPlan, task
     optimizer = make_optimizer(segment.parameters(), cfg.train)
     light.attach(segment, optimizer)
     meter = MemoryMeter(segment, optimizer)
+    privacy = ClientPrivacy(cfg, segment, plan.uses_channel)  # issue 17: NoPeek, DP
+    loader = privacy.relabel(loader, context.state)  # issue 17: label DP
     channel = None
     if plan.uses_channel:
         codec_up, codec_down = json.loads(str(config[KEY_CODECS]))
@@ -258,6 +261,7 @@ def train_round(msg: Message, context: Context, cfg: Any, plan: ClientPlan, task
             lambda: open_channel(address, cfg.channel.max_message_mb, certs))
         channel = SplitChannelClient(address, str(config[KEY_TOKEN]), int(config[KEY_SEED]),
                                      codec_up, codec_down, channel=connection)
+        channel = privacy.wrap(channel)  # issue 17: DP on the cut activations
     progress = None
     if cfg.run.progress:
         from tqdm import tqdm
@@ -290,6 +294,7 @@ def train_round(msg: Message, context: Context, cfg: Any, plan: ClientPlan, task
         "client-setup-seconds": setup_seconds,
         **segment_metrics,
         **meter.report(),
+        **privacy.metrics(consumed, len(part)),  # issue 17: epsilon, NoPeek
     })
     content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

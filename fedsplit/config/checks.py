@@ -99,6 +99,9 @@ def cross_checks(v: Mapping[str, Any]) -> list[str]:
     from fedsplit.trainable import config_problems  # issue 16: train.trainable, lora
 
     problems += config_problems(v)
+    from fedsplit.privacy.config import config_problems as privacy_problems  # issue 17
+
+    problems += privacy_problems(v)
     for check in _EXTRA_CHECKS:
         problems += check(v)
     return problems

@@ -340,6 +340,27 @@ class LoRAConfig:
                         "exactly averaging the updates B A (docs/lora.md).")
 
 
+# --- issue 17: privacy (fedsplit/privacy, docs/privacy.md)
+@dataclass
+class PrivacyConfig:
+    act_clip: float = _f(0.0, "DP on the cut activations: each sample's whole activation "
+                         "tensor is clipped to this L2 norm on the client, before the codec; "
+                         "0 = off.", lo=0.0)
+    act_noise: float = _f(0.0, "Noise multiplier sigma: N(0, (sigma * act-clip)^2) is added to "
+                          "every clipped activation value; > 0 reports epsilon (needs "
+                          "act-clip > 0).", lo=0.0)
+    delta: float = _f(1e-5, "delta of the (epsilon, delta) the clients report.", lo=0.0, hi=1.0)
+    neighbours: str = _f("zero-out", "Neighbouring datasets of the guarantee: `zero-out` (one "
+                         "sample's activations replaced by zeros: sensitivity act-clip) or "
+                         "`replace-one` (sensitivity 2 x act-clip).",
+                         choices=("zero-out", "replace-one"))
+    nopeek: float = _f(0.0, "NoPeek: weight of the distance correlation between each batch's "
+                       "inputs and cut activations added to the client's loss (image/array "
+                       "inputs); a heuristic, no epsilon; 0 = off.", lo=0.0)
+    label_epsilon: float = _f(0.0, "Label DP: each training label is replaced once by "
+                              "randomized response with this epsilon (classification); 0 = off.",
+                              lo=0.0)
+# --- end issue 17
 
 
 @dataclass
@@ -358,6 +379,7 @@ class FedsplitConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # issue 17
 
 
 # --------------------------------------------------------------------------- keys

@@ -19,6 +19,8 @@ def render() -> str:
         meta = f.metadata
         allowed = f" One of: {', '.join(map(str, meta['choices']))}." if meta.get("choices") else ""
         default = defaults[key]
+        if isinstance(default, str) and default != default.strip("\n"):
+            default = default.encode("unicode_escape").decode()  # "\n", not a line break
         shown = f"`{default}`" if default not in ("", []) else "—"
         out.append(f"| `{key}` | {shown} | {meta['help']}{allowed} |")
     return "\n".join(out).strip() + "\n"

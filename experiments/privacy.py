@@ -1,0 +1,233 @@
+"""Privacy table (issue 17): what an honest-but-curious server recovers, per defense and cut.
+
+    python experiments/privacy.py --task cifar10 --clients 10 --rounds 160     # the table
+    python experiments/privacy.py --task sst2 --clients 10 --rounds 10
+    python experiments/privacy.py --task digits --clients 2 --rounds 2 --attack-steps 100
+    python experiments/privacy.py --task cifar10 --rows none dp-n1 --cuts 1      # some rows
+
+Each row trains the task's config (``fedsplit.simulate``, the rows' overrides on top) at
+each cut (``--cuts``, default the first and a deeper one), then attacks the trained
+global model with the same code whatever the defense (``fedsplit.privacy.attacks``):
+
+* images: white-box reconstruction (TV prior) and a learned inverse network trained on
+  ``--aux-batches`` test batches (a split no client uses), SSIM/PSNR of ``--victims``
+  training images (client data);
+* text: white-box token recovery (relaxed one-hot), special tokens not counted;
+* labels: the gradients a u-shaped client (front cut = the row's cut, back cut = the last:
+  the client keeps the head) would send for 10 training batches; AUC of the direction
+  attack with 2 known labels per class (norm AUC in rows.json).
+
+The server observes the activations through the row's defense: DP (clipping + noise with
+a fresh seed; clip = the median per-sample activation norm of the initial model at that
+cut unless ``--clip``), or the row's codec; label-DP rows train on randomized-response
+labels (the label attack's gradients use them too, scored against the true labels); NoPeek rows train with the distance-correlation
+term (images only) and are observed as they are. Accuracy: the server's held-out evaluation
+after the last round (clean activations). Epsilon: the largest any client reported, at
+delta 1e-5. Stores ``<out>/rows.json`` (runs) and ``<out>/attacks.json``; writes
+``<out>/privacy.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.common import final_accuracy, row_parser, run_rows  # noqa: E402
+from fedsplit.config import load_config  # noqa: E402
+from fedsplit.paths import with_resolved_paths  # noqa: E402
+from fedsplit.privacy.attacks import (  # noqa: E402
+    attack_images,
+    attack_labels,
+    attack_tokens,
+    trained_layout,
+)
+from fedsplit.tasks import build_task  # noqa: E402
+
+TASKS = {  # config, default cuts (first, deeper), input kind
+    "cifar10": ("configs/cifar10_resnet20.yaml", (1, 4), "image"),
+    "sst2": ("configs/sst2_minilm.yaml", (1, 3), "text"),
+    "digits": ("configs/default.yaml", (1, 2), "image"),
+}
+NOISE = {"dp-n0.1": 0.1, "dp-n0.5": 0.5, "dp-n1": 1.0}  # noise multipliers of the DP rows
+CODECS = {"topk10-2bit": "{name: topk-mask, k: 0.1, bits: 2}",  # codecs as implicit defenses
+          "topk2-2bit": "{name: topk-mask, k: 0.02, bits: 2}"}
+NOPEEK = {"nopeek-0.5": 0.5, "nopeek-2": 2.0}  # distance-correlation weights (images only)
+LABEL_DP = {"labeldp-e2": 2.0, "labeldp-e0.5": 0.5}  # randomized-response epsilons
+ROW_NAMES = ["none", *NOISE, *NOPEEK, *LABEL_DP, *CODECS]
+
+
+def row_overrides(row: str, cut: int, clip: float, kind: str) -> list[str]:
+    """The overrides of ``row`` at ``cut`` (``clip``: the DP rows' clipping bound)."""
+    out = [f"model.cut={cut}"]
+    if row in NOISE:
+        out += [f"privacy.act-clip={clip:.6g}", f"privacy.act-noise={NOISE[row]}"]
+    elif row in LABEL_DP:
+        out += [f"privacy.label-epsilon={LABEL_DP[row]}"]
+    elif row in NOPEEK:
+        out += [f"privacy.nopeek={NOPEEK[row]}"]
+    elif row in CODECS:
+        chain = ("drop-padding, " if kind == "text" else "") + CODECS[row]
+        out += [f"codec.up=[{chain}]"]
+    return out
+
+
+def as_overrides(values: dict[str, Any]) -> list[str]:
+    """``{"section.key": value}`` as ``section.key=value`` words (values as JSON/YAML)."""
+    return [f"{k}={json.dumps(v)}" for k, v in values.items()]
+
+
+class Data:
+    """The attacker's and the victims' samples: ``victims`` (one batch of training
+    samples), ``aux`` (test batches), ``label_batches`` (training batches of 32), and
+    ``prepared``: what the server derives from the training set (image normalization)."""
+
+    def __init__(self, config: str, overrides: list[str], victims: int,
+                 aux_batches: int) -> None:
+        task = build_task(with_resolved_paths(load_config(config, overrides)))
+        train, test = task.datasets()
+        self.prepared = as_overrides(task.prepare_config(train))
+        self.cfg = with_resolved_paths(load_config(config, [*overrides, *self.prepared]))
+        self.task = task = build_task(self.cfg)
+        task.attach(train)
+
+        def batches(ds: Any, n: int, size: int) -> list[dict[str, torch.Tensor]]:
+            rows = ds.select(range(min(n * size, len(ds))))
+            return list(task.loader(task.encode(rows), size, shuffle=False))
+
+        self.victims = batches(train, 1, victims)[0]
+        self.aux = [b["x"] for b in batches(test, aux_batches, 64)] if "x" in self.victims else []
+        self.label_batches = batches(train, 10, 32)
+
+
+def median_norm(config: str, overrides: list[str], cut: int,
+                batch: dict[str, torch.Tensor]) -> float:
+    """Median per-sample L2 norm of the initial model's activations at ``cut``."""
+    layout = trained_layout(load_config(config, [*overrides, f"model.cut={cut}"]))
+    with torch.no_grad():
+        hidden = layout.split(cut).client(batch).hidden
+    return statistics.median(hidden.flatten(1).norm(dim=1).tolist())
+
+
+def attack_row(run_dir: Path, cut: int, kind: str, data: Data, args: Any) -> dict[str, float]:
+    """Every attack on the trained model of ``run_dir`` (its own config: defense, codec)."""
+    cfg = with_resolved_paths(load_config(run_dir / "config.yaml"))
+    layout = trained_layout(cfg, run_dir, pretrained=False)
+    out: dict[str, float] = {}
+    if kind == "image":
+        out.update(attack_images(layout, cut, data.victims["x"], data.aux, cfg,
+                                 steps=args.attack_steps,
+                                 inversion_epochs=args.inversion_epochs))
+    else:
+        tok = data.task.tokenizer
+        ignore = set(tok.all_special_ids) if tok is not None else set()
+        out.update(attack_tokens(layout, cut, data.victims, cfg, steps=args.attack_steps,
+                                 ignore=ignore))
+    classes = cfg.model.num_labels
+    out.update(attack_labels(layout, cut, layout.hi, data.label_batches,
+                             data.task.objective, classes, cfg))
+    return out
+
+
+def cell(value: Any, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def epsilon_cell(eps: list[float], entry: dict) -> str:
+    """The activations' epsilon (largest any client reported), or the label epsilon."""
+    if eps:
+        return format(max(eps), ".3g")
+    labels = [c["privacy-label-epsilon"] for c in entry.get("clients_rows", [])
+              if "privacy-label-epsilon" in c]
+    return f"labels: {max(labels):g}" if labels else "-"
+
+
+def table(stored: dict, attacks: dict, names: list[str], kind: str, header: str) -> list[str]:
+    cols = ("SSIM | PSNR | inv. SSIM | inv. PSNR" if kind == "image" else "token recovery")
+    lines = [header, "", f"| row | cut | clip | accuracy | epsilon (δ=1e-5) | cut bytes up / "
+             f"sample | {cols} | label AUC (direction) | label acc. |",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * (4 if kind == "image" else 1)
+             + "---:|---:|"]
+    for name in names:
+        if name not in stored or name not in attacks:
+            continue
+        rounds, a = stored[name]["rounds"], attacks[name]
+        eps = [r["privacy_epsilon"] for r in rounds if r.get("privacy_epsilon") is not None]
+        examples = sum(r.get("examples") or 0 for r in rounds)
+        up = sum(r["cut_bytes_up"] for r in rounds) / max(examples, 1)
+        if kind == "image":
+            scores = (f"{a['ssim']:.3f} | {a['psnr']:.1f} | {a['inv_ssim']:.3f} | "
+                      f"{a['inv_psnr']:.1f}")
+        else:
+            scores = f"{100 * a['token_recovery']:.1f}%"
+        lines.append(f"| {name.rsplit('-cut', 1)[0]} | {a['cut']} | {cell(a.get('clip'), '.3g')}"
+                     f" | {100 * final_accuracy(rounds):.2f}% | "
+                     f"{epsilon_cell(eps, stored[name])} | {up:,.0f} | {scores} | "
+                     f"{a['direction_auc']:.3f} | {100 * a['direction_accuracy']:.1f}% "
+                     f"(chance {100 * a['chance_accuracy']:.1f}%) |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = row_parser(__doc__, ROW_NAMES)
+    parser.add_argument("--task", choices=sorted(TASKS), default="digits")
+    parser.add_argument("--cuts", type=int, nargs="*", default=None)
+    parser.add_argument("--clip", type=float, default=0.0,
+                        help="clipping bound of the DP rows (0: the median activation norm)")
+    parser.add_argument("--victims", type=int, default=16)
+    parser.add_argument("--aux-batches", type=int, default=20)
+    parser.add_argument("--attack-steps", type=int, default=500)
+    parser.add_argument("--inversion-epochs", type=int, default=20)
+    parser.set_defaults(config=None, out=None)
+    args = parser.parse_args(argv)
+    config, cuts, kind = TASKS[args.task]
+    config = args.config or config
+    cuts = args.cuts or list(cuts)
+    out = Path(args.out or f"runs/privacy-{args.task}")
+    data = Data(config, args.overrides, args.victims, args.aux_batches)
+    rows: dict[str, list[str]] = {}
+    clips: dict[str, float] = {}
+    for cut in cuts:
+        clip = args.clip or median_norm(config, [*args.overrides, *data.prepared], cut,
+                                        data.victims)
+        for row in args.rows:
+            if row in NOPEEK and kind == "text":
+                print(f"[privacy] {row}: NoPeek needs image/array inputs; skipped for text")
+                continue
+            name = f"{row}-cut{cut}"
+            rows[name] = row_overrides(row, cut, clip, kind)
+            clips[name] = clip if row in NOISE else None
+    names = list(rows)
+    stored = run_rows(rows, names, config, args.clients, args.rounds, out, args.overrides,
+                      fresh=args.fresh, collect=args.collect)
+    path = out / "attacks.json"
+    attacks = json.loads(path.read_text()) if path.exists() else {}
+    for name in names:
+        run_dir = out / name
+        if name in attacks and attacks[name].get("run_mtime") == \
+                (run_dir / "metrics.jsonl").stat().st_mtime:
+            continue  # this run was attacked already
+        cut = int(name.rsplit("-cut", 1)[1])
+        result = attack_row(run_dir, cut, kind, data, args)
+        attacks[name] = {**result, "cut": cut, "clip": clips[name],
+                         "run_mtime": (run_dir / "metrics.jsonl").stat().st_mtime}
+        path.write_text(json.dumps(attacks, indent=1))
+        print(f"[privacy] {name}: {result}", flush=True)
+    header = (f"{config}, {args.clients} clients, {args.rounds} rounds; attacks on the "
+              f"trained global model ({args.attack_steps} white-box steps"
+              + (f", inverse network {args.inversion_epochs} epochs on {args.aux_batches} "
+                 "test batches" if kind == "image" else "") + ").")
+    lines = table(stored, attacks, names, kind, header)
+    (out / "privacy.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

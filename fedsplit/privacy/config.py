@@ -1,0 +1,25 @@
+"""Checks of the ``privacy`` section, run with the other config checks (all at once)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from typing import Any
+
+
+def config_problems(v: Mapping[str, Any]) -> list[str]:
+    """Problems of the flat config ``v`` (``{"section.key": value}``) in ``privacy.*``."""
+    problems = []
+    if v.get("privacy.act-noise", 0.0) > 0 and v.get("privacy.act-clip", 0.0) <= 0:
+        problems.append("`privacy.act-noise`: the noise is scaled by the clipping bound; set "
+                        "privacy.act-clip > 0 (e.g. privacy.act-clip=1.0) or act-noise=0")
+    if v.get("privacy.act-noise", 0.0) > 0 and v.get("privacy.delta", 1e-5) <= 0:
+        problems.append("`privacy.delta`: epsilon is reported at this delta; use a value in "
+                        "(0, 1), e.g. 1e-5 (below 1 / the samples of a partition)")
+    if v.get("privacy.act-noise", 0.0) > 0 and importlib.util.find_spec("opacus") is None:
+        problems.append("`privacy.act-noise`: epsilon is computed with Opacus's RDP accountant, "
+                        "which is not installed; pip install -e \".[privacy]\" (opacus==1.6.0)")
+    if v.get("privacy.label-epsilon", 0.0) > 0 and v.get("task.name") != "classification":
+        problems.append("`privacy.label-epsilon`: randomized response replaces class labels; "
+                        "it applies to task.name=classification only (set it to 0)")
+    return problems

@@ -1,0 +1,83 @@
+"""NoPeek: distance correlation, its gradient on the client, and that training lowers it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedsplit.config import load_config
+from fedsplit.privacy import ClientPrivacy
+from fedsplit.privacy.nopeek import NoPeek, distance_correlation
+from fedsplit.privacy.attacks import trained_layout
+
+
+def test_distance_correlation_definition():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 5, generator=g)
+    assert float(distance_correlation(x, 3 * x + 1)) == pytest.approx(1.0, abs=1e-4)
+    # The sample (V-statistic) estimate is biased upwards for independent samples.
+    assert float(distance_correlation(x, torch.randn(256, 7, generator=g))) < 0.35
+    noisy = float(distance_correlation(x, x + 0.5 * torch.randn(256, 5, generator=g)))
+    assert 0.8 < noisy < 0.95
+
+
+def segment(cut: int = 1):
+    cfg = load_config(overrides={"model.name": "cnn-digits", "model.cut": cut})
+    return trained_layout(cfg).split(cut).client.train()
+
+
+def test_the_hook_adds_alpha_times_the_dcor_gradient():
+    torch.manual_seed(0)
+    seg = segment()
+    x = torch.rand(16, 1, 8, 8)
+    server_grad = torch.randn(16, 16, 8, 8)
+    nopeek = NoPeek(seg, alpha=0.7)
+    seg.zero_grad()
+    seg({"x": x}).hidden.backward(server_grad)  # what the split loop does
+    got = [p.grad.clone() for p in seg.parameters()]
+    assert len(nopeek.values) == 1
+    nopeek.remove()
+    seg.zero_grad()
+    h = seg({"x": x}).hidden
+    ((h * server_grad).sum() + 0.7 * distance_correlation(x, h)).backward()
+    for a, p in zip(got, seg.parameters(), strict=True):
+        assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+def test_training_with_nopeek_lowers_the_distance_correlation():
+    torch.manual_seed(0)
+    seg = segment(2)
+    cfg = load_config(overrides={"model.name": "cnn-digits", "privacy.nopeek": 1.0})
+    privacy = ClientPrivacy(cfg, seg)
+    opt = torch.optim.SGD(seg.parameters(), lr=2.0)
+    x = torch.rand(32, 1, 8, 8)
+    for _ in range(30):
+        opt.zero_grad()
+        h = seg({"x": x}).hidden
+        h.backward(torch.zeros_like(h))  # no task gradient: only NoPeek's term
+        opt.step()
+    m = privacy.metrics(consumed=0, partition=100)
+    values = privacy.nopeek.values
+    assert values[-1] < values[0] - 0.1
+    assert m["privacy-dcor"] == pytest.approx(sum(values) / len(values))
+    # The hooks are gone after the round; a second round does not stack them.
+    ClientPrivacy(cfg, seg)
+    ClientPrivacy(cfg, seg)
+    assert len(seg._forward_hooks) == 1
+
+
+def test_nopeek_refuses_text_batches():
+    from fedsplit.split.base import Cut
+
+    seg = segment()
+    nopeek = NoPeek(seg, 1.0)
+    with pytest.raises(ValueError, match="float inputs"):
+        nopeek._hook(seg, ({"input_ids": torch.zeros(2, 3, dtype=torch.int64)},),
+                     Cut(torch.zeros(2, 3, 4)))
+
+
+def test_a_client_that_sends_no_activations_gets_no_nopeek_hook():
+    seg = segment()
+    cfg = load_config(overrides={"model.name": "cnn-digits", "privacy.nopeek": 1.0})
+    assert ClientPrivacy(cfg, seg, sends_activations=False).nopeek is None
+    assert not seg._forward_hooks
