@@ -10,7 +10,8 @@ from the run config, without editing fedsplit::
 
 Registered here: ``splitfed`` (SplitFedAvg, server route from its ``server-segments``
 option, default ``replica``), ``sflv1``, ``sflv2``, ``local-loss``, ``u-shaped``,
-``fedavg`` (full-model baseline), ``allocator`` (per-client cuts from device profiles).
+``fedavg`` (full-model baseline), ``allocator`` (per-client cuts from device profiles),
+``deft`` (DEFT: each client fine-tunes its own blocks of the whole model, assigned by depth).
 ``strategies/example_custom.py`` is a template.
 
 Everything is checked before training (:func:`check_strategy`, run by config
@@ -158,6 +159,7 @@ from strategies import local_loss as _local_loss  # noqa: E402,F401  ("local-los
 from strategies import ushaped as _ushaped  # noqa: E402,F401  ("u-shaped")
 from strategies import fedavg as _fedavg  # noqa: E402,F401  ("fedavg")
 from strategies import allocator as _allocator  # noqa: E402,F401  ("allocator")
+from strategies import deft as _deft  # noqa: E402,F401  ("deft")
 
 
 def _check_strategy_section(flat: Mapping[str, Any]) -> list[str]:

@@ -161,17 +161,9 @@ class AllocatorSFL(SplitFedAvg):
         log(INFO, "allocator: %s", self.costs)
 
     def _fleet(self, node_ids: list[int]) -> dict[str, Any]:
-        fleet, missing = {}, []
-        for n in node_ids:
-            device = self.device_of(n)
-            if device is None or device not in self.kinds:
-                missing.append(f"{self.client_key(n)} ({device or 'no device'})")
-            else:
-                fleet[self.client_key(n)] = self.kinds[device]
-        if missing:
-            raise StrategyError(f"allocator: clients {', '.join(missing)} have no device profile "
-                                f"in {self.cfg.fleet.profiles} (known: {', '.join(sorted(self.kinds))}); "
-                                "set fleet.devices or the SuperNode's node config device-profile")
+        fleet, problem = self.directory.profiles(node_ids, self.kinds, self.cfg.fleet.profiles)
+        if problem:
+            raise StrategyError(f"allocator: {problem}")
         return fleet
 
     def compare(self, fleet: dict[str, Any]) -> tuple[Any, Any | None]:

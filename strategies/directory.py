@@ -102,6 +102,24 @@ class ClientDirectory:
         devices = self.fleet_devices
         return str(devices[self.client_index(node_id) % len(devices)]) if devices else None
 
+    def profiles(self, node_ids: Sequence[int], kinds: dict[str, Any],
+                 source: str) -> tuple[dict[str, Any], str]:
+        """``({client key: its device profile}, problem)`` for ``node_ids``, profiles from
+        ``kinds`` (read from the file ``source``); ``problem`` names the clients without
+        one and the fix (``""`` when every client has one)."""
+        fleet, missing = {}, []
+        for n in node_ids:
+            device = self.device_of(n)
+            if device is None or device not in kinds:
+                missing.append(f"{self.client_key(n)} ({device or 'no device'})")
+            else:
+                fleet[self.client_key(n)] = kinds[device]
+        if not missing:
+            return fleet, ""
+        return fleet, (f"clients {', '.join(missing)} have no device profile in {source} "
+                       f"(known: {', '.join(sorted(kinds))}); set fleet.devices or the "
+                       "SuperNode's node config device-profile")
+
     def cursor(self, node_id: int) -> int:
         """How many samples the client consumed so far (where its next round starts)."""
         return self.cursors.get(self.client_key(node_id), 0)

@@ -56,8 +56,8 @@ class BandwidthSplit:
     iterations: int
 
 
-def _equalise(fixed: Sequence[float], mbit: Sequence[float], cap: Sequence[float],
-              floor: float, budget: float) -> tuple[float, list[float], float, str, int]:
+def equalise(fixed: Sequence[float], mbit: Sequence[float], cap: Sequence[float],
+             floor: float, budget: float) -> tuple[float, list[float], float, str, int]:
     """The dual solve behind :func:`split_bandwidth` on plain lists (index = client)."""
     n = len(fixed)
     t_lo, binding = floor, "server"
@@ -139,7 +139,7 @@ def split_bandwidth(model: LatencyModel, cuts: Mapping[str, int],
     model.check_assignment(cuts)
     clients = list(cuts)
     terms = [model.terms(i, cuts[i]) for i in clients]
-    _, shares, price, binding, steps = _equalise(
+    _, shares, price, binding, steps = equalise(
         [t.fixed_s for t in terms], [t.uplink_mbit for t in terms],
         [t.uplink_cap_mbps for t in terms], model.floor(cuts), budget_mbps)
     if binding.startswith("link:"):

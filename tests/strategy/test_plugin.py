@@ -122,7 +122,7 @@ def test_strategy_problems_are_reported_before_training(user_module):
         load_config("configs/default.yaml", ["strategy.name=user_strategies_mod:Bad-Name"])
     with pytest.raises(ConfigError, match="not a subclass"):
         load_config("configs/default.yaml", ["strategy.name=user_strategies_mod:LayerSums"])
-    with pytest.raises(ConfigError, match="Registered: allocator, fedavg"):
+    with pytest.raises(ConfigError, match="Registered: allocator, deft, fedavg"):
         load_config("configs/default.yaml", ["strategy.name=sflv3"])
     with pytest.raises(ConfigError, match="needs device and server profiles"):
         load_config("configs/default.yaml", ["strategy.name=allocator"])
