@@ -25,7 +25,7 @@ def _check_files(key: str, paths: list[str], problems: list[str]) -> None:
             problems.append(f"`{key}`: {path} is not readable (check its permissions)")
 
 
-def _check_data(cfg: Any, problems: list[str]) -> None:
+def _check_data(cfg: Any, problems: list[str], clients: int | None = None) -> None:
     """Load the data ``cfg`` names, as the ServerApp will (through the task), and report
     what fails: a file the builders cannot read, a missing column, a split the task's
     :meth:`~fedsplit.tasks.Task.check_split` refuses (classification: labels that do not
@@ -64,10 +64,16 @@ def _check_data(cfg: Any, problems: list[str]) -> None:
                               in_channels=cfg.model.in_channels, image_size=d.image_size)
             except DataError as exc:
                 report(key, where, exc)
+    if clients:  # the split over the clients, drawn as every client will draw it
+        try:
+            task.partitioner(train, clients).load_partition(0)
+        except DataError as exc:
+            report("data.partitioner", f"{d.partitioner} over {clients} clients", exc)
 
 
-def preflight(cfg: Any) -> None:
-    """Raise :class:`ConfigError` listing every problem found (``cfg`` resolved)."""
+def preflight(cfg: Any, clients: int | None = None) -> None:
+    """Raise :class:`ConfigError` listing every problem found (``cfg`` resolved);
+    ``clients``: the number of clients, when known (simulation), to draw their split."""
     from fedsplit.paths import with_resolved_paths
 
     cfg = with_resolved_paths(cfg)
@@ -76,7 +82,7 @@ def preflight(cfg: Any) -> None:
         _check_files("data.train", list(cfg.data.train), problems)
         _check_files("data.test", list(cfg.data.test), problems)
     if not problems:  # missing files are reported once, above
-        _check_data(cfg, problems)
+        _check_data(cfg, problems, clients)
     try:
         from fedsplit.models import build_model
         from fedsplit.tasks import build_task

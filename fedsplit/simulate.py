@@ -55,7 +55,7 @@ def simulate(config: str | None = None, overrides: list[str] | dict[str, Any] | 
 
         over["run.name"] = time.strftime("%Y%m%d-%H%M%S")
         cfg = load_config(config, over)
-    preflight(cfg)  # fail before Ray starts
+    preflight(cfg, clients)  # fail before Ray starts (the clients' split included)
     address = cluster_address(ray_address)  # None: a private Ray
     if address is not None and (problems := attach_problems(cfg, address, ray_cpus)):
         raise ConfigError(problems)

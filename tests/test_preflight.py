@@ -170,3 +170,11 @@ def test_simulate_refuses_bad_data_before_starting_ray(tmp_path, hf_cache):
                                               f"run.output-dir={out}"])
     assert "model.num-labels" in str(err.value)  # 3 classes found, the model has 2: the fix
     assert not ray.is_initialized() and not out.exists()  # Ray never started, nothing ran
+
+
+def test_a_split_the_clients_cannot_draw_fails_before_ray(tmp_path):
+    # digits holds ~1,400 train images: 1,000 clients x the Dirichlet minimum do not fit.
+    cfg = load_config("configs/default.yaml", ["data.partitioner=dirichlet", "data.alpha=0.01"])
+    preflight(cfg, clients=10)  # a possible split passes
+    with pytest.raises(ConfigError, match=r"`data.partitioner` \(dirichlet over 2000 clients\)"):
+        preflight(cfg, clients=2000)
