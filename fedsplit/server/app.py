@@ -149,9 +149,9 @@ def _serve(grid: Grid, cfg: DictConfig, build_strategy: StrategyFactory) -> RunW
                 if cfg.eval.through_codec:  # split inference: activations cross codec.up
                     inferred = evaluate(split, test_loader, task.objective, up_codec=codec_up,
                                         seed=cfg.run.seed)
-                    row.update({"codec_accuracy": inferred["accuracy"],
-                                "codec_loss": inferred["loss"],
-                                "eval_bytes_up": inferred["bytes_up"]})
+                    row["eval_bytes_up"] = inferred.pop("bytes_up")
+                    inferred.pop("examples", None)  # the same test set
+                    row.update({f"codec_{k}": v for k, v in inferred.items()})  # + perplexity
             seconds = time.monotonic() - stats.started
             row.update({
                 "bytes_up": stats.cut_bytes_up + stats.sync_bytes_up,
