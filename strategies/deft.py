@@ -57,15 +57,15 @@ from fedsplit.paths import resolve_path
 from fedsplit.protocol import array_record_bytes
 from fedsplit.server.layerwise import LayerSums, SegmentUpdate
 from fedsplit.split.base import Batch, model_blocks
-from fedsplit.split.layout import ClientPlan, ModelLayout
+from fedsplit.split.layout import ModelLayout
 from strategies import STRATEGIES, StrategyError
-from strategies.splitfed import SplitFedAvg
+from strategies.fedavg import FullModelFedAvg
 
 ASSIGNMENTS = ("deft", "uniform")
 
 
 @STRATEGIES.register("deft")
-class DeftFineTuning(SplitFedAvg):
+class DeftFineTuning(FullModelFedAvg):
     """Block-wise fine-tuning with depth-aware block assignment (see the module docstring).
 
     Parameters
@@ -109,11 +109,7 @@ class DeftFineTuning(SplitFedAvg):
 
     @classmethod
     def option_problems(cls, options: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[str]:
-        problems = super().option_problems(options, cfg)
-        for name in ("cuts", "device_cuts", "server_segments"):
-            if options.get(name) is not None:
-                problems.append(f"{name}: DEFT trains whole models on the clients (mode "
-                                "`full`, no cut, no server segment); leave the option out")
+        problems = super().option_problems(options, cfg)  # FedAvg's: no cut options
         if options.get("assignment", "deft") not in ASSIGNMENTS:
             problems.append(f"assignment: expected one of {', '.join(ASSIGNMENTS)}, found "
                             f"{options.get('assignment')!r}")
@@ -137,8 +133,6 @@ class DeftFineTuning(SplitFedAvg):
         if list(cfg.get("train.trainable") or []) not in ([], ["all"]):
             problems.append("train.trainable: DEFT sets each client's trainable blocks "
                             "itself; leave train.trainable empty")
-        if cfg.get("model.bottleneck-rank"):
-            problems.append("DEFT trains whole models: it needs model.bottleneck-rank=0")
         return problems
 
     def setup(self, layout: ModelLayout, sample_batch: Batch) -> None:
@@ -191,9 +185,6 @@ class DeftFineTuning(SplitFedAvg):
             chosen.latency, uniform.latency, chosen.table())
 
     # ------------------------------------------------------------------ hooks
-    def client_plan(self, server_round: int, node_id: int) -> ClientPlan:
-        return ClientPlan(int(self.cfg.model.cut), "full")
-
     def client_overrides(self, server_round: int, node_id: int) -> dict[str, Any]:
         return {"train.trainable": list(self._blocks_of[node_id])}
 

@@ -27,8 +27,8 @@ class FullModelFedAvg(SplitFedAvg):
         problems = super().option_problems(options, cfg)
         for name in ("cuts", "device_cuts", "server_segments"):
             if options.get(name) is not None:
-                problems.append(f"{name}: FedAvg trains the whole model on the client (no cut, "
-                                "no server segment); leave the option out")
+                problems.append(f"{name}: {cls.__name__} trains the whole model on the client "
+                                "(no cut, no server segment); leave the option out")
         if cfg.get("model.bottleneck-rank"):
             problems.append("FedAvg of the whole model needs model.bottleneck-rank=0")
         return problems

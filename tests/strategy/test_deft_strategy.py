@@ -129,7 +129,8 @@ def test_options_are_checked_before_training() -> None:
     problems = check_strategy("deft", {"cuts": [1], "assignment": "random",
                                        "blocks-per-client": 0}, flat)
     text = "\n".join(problems)
-    for expected in ("cuts: DEFT trains whole models", "assignment: expected one of deft, "
-                     "uniform", "blocks_per_client: expected an integer >= 1",
+    for expected in ("cuts: DeftFineTuning trains the whole model",
+                     "assignment: expected one of deft, uniform",
+                     "blocks_per_client: expected an integer >= 1",
                      "train.local-steps is 0", "DEFT needs device profiles"):
         assert expected in text, text
