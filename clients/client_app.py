@@ -51,7 +51,7 @@ from fedsplit.protocol import (
     KEY_TOKEN,
     array_record_bytes,
 )
-from fedsplit.privacy import ClientPrivacy  # issue 17
+from fedsplit.privacy import ClientPrivacy
 from fedsplit.pruning import token_counts, token_embedding
 from fedsplit.runtime import resolve_device
 from fedsplit.split.layout import ClientPlan, ModelLayout, client_layout
@@ -249,8 +249,8 @@ def train_round(msg: Message, context: Context, cfg: Any, plan: ClientPlan, task
     optimizer = make_optimizer(segment.parameters(), cfg.train)
     light.attach(segment, optimizer)
     meter = MemoryMeter(segment, optimizer)
-    privacy = ClientPrivacy(cfg, segment, plan.uses_channel)  # issue 17: NoPeek, DP
-    loader = privacy.relabel(loader, context.state)  # issue 17: label DP
+    privacy = ClientPrivacy(cfg, segment, plan.uses_channel)  # NoPeek, DP
+    loader = privacy.relabel(loader, context.state)  # label DP
     channel = None
     if plan.uses_channel:
         codec_up, codec_down = json.loads(str(config[KEY_CODECS]))
@@ -261,14 +261,17 @@ def train_round(msg: Message, context: Context, cfg: Any, plan: ClientPlan, task
             lambda: open_channel(address, cfg.channel.max_message_mb, certs))
         channel = SplitChannelClient(address, str(config[KEY_TOKEN]), int(config[KEY_SEED]),
                                      codec_up, codec_down, channel=connection)
-        channel = privacy.wrap(channel)  # issue 17: DP on the cut activations
+        channel = privacy.wrap(channel)  # DP on the cut activations
     progress = None
     if cfg.run.progress:
         from tqdm import tqdm
 
         progress = tqdm(total=len(index_batches), desc=f"client {pid} round {server_round}",
                         mininterval=10, leave=False)
+    result = None
     try:
+        optimizer = privacy.optimizer(optimizer)  # DP-SGD: Opacus's DPOptimizer around it
+
         def lr_at(step: int) -> None:
             set_lr(optimizer, cfg.train, run_progress(cfg.train, server_round, step))
 
@@ -277,6 +280,8 @@ def train_round(msg: Message, context: Context, cfg: Any, plan: ClientPlan, task
     finally:
         if channel is not None:
             channel.close()
+        if result is None:  # training failed: the cached model keeps no DP/NoPeek hooks
+            privacy.close()
         if progress is not None:
             progress.close()
 
@@ -294,7 +299,7 @@ def train_round(msg: Message, context: Context, cfg: Any, plan: ClientPlan, task
         "client-setup-seconds": setup_seconds,
         **segment_metrics,
         **meter.report(),
-        **privacy.metrics(consumed, len(part)),  # issue 17: epsilon, NoPeek
+        **privacy.metrics(consumed, len(part)),  # epsilon, NoPeek (ends its hooks)
     })
     content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

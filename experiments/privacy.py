@@ -13,6 +13,9 @@ global model with the same code whatever the defense (``fedsplit.privacy.attacks
   ``--aux-batches`` test batches (a split no client uses), SSIM/PSNR of ``--victims``
   training images (client data);
 * text: white-box token recovery (relaxed one-hot), special tokens not counted;
+* DP-SGD rows (``dpsgd-*``) clip each sample's gradient of the client segment to
+  ``--sgd-clip`` and add noise (image models with GroupNorm; ``none-gn`` is their
+  undefended baseline);
 * labels: the gradients a u-shaped client (front cut = the row's cut, back cut = the last:
   the client keeps the head) would send for 10 training batches; AUC of the direction
   attack with 2 known labels per class (norm AUC in rows.json).
@@ -60,12 +63,26 @@ CODECS = {"topk10-2bit": "{name: topk-mask, k: 0.1, bits: 2}",  # codecs as impl
           "topk2-2bit": "{name: topk-mask, k: 0.02, bits: 2}"}
 NOPEEK = {"nopeek-0.5": 0.5, "nopeek-2": 2.0}  # distance-correlation weights (images only)
 LABEL_DP = {"labeldp-e2": 2.0, "labeldp-e0.5": 0.5}  # randomized-response epsilons
-ROW_NAMES = ["none", *NOISE, *NOPEEK, *LABEL_DP, *CODECS]
+# DP-SGD on the client segment (per-sample gradients clipped to --sgd-clip): noise
+# multipliers, and one row with DP on the activations as well (both accounted together).
+DPSGD = {"dpsgd-n0.7": 0.7, "dpsgd-n1": 1.0, "dpsgd-n1-dp-n1": 1.0}
+# Image rows with DP-SGD use GroupNorm (BatchNorm mixes samples); `none-gn` is the
+# undefended model with GroupNorm, to tell the norm's cost from DP-SGD's.
+GROUP_NORM = ["none-gn"]
+ROW_NAMES = ["none", *NOISE, *NOPEEK, *LABEL_DP, *CODECS, *DPSGD, *GROUP_NORM]
 
 
-def row_overrides(row: str, cut: int, clip: float, kind: str) -> list[str]:
-    """The overrides of ``row`` at ``cut`` (``clip``: the DP rows' clipping bound)."""
+def row_overrides(row: str, cut: int, clip: float, kind: str,
+                  sgd_clip: float = 1.0) -> list[str]:
+    """The overrides of ``row`` at ``cut`` (``clip``: the activation-DP rows' clipping
+    bound; ``sgd_clip``: the DP-SGD rows' per-sample gradient bound)."""
     out = [f"model.cut={cut}"]
+    if row in DPSGD or row in GROUP_NORM:
+        out += ["model.norm=group"] if kind == "image" else []
+    if row in DPSGD:
+        out += [f"privacy.sgd-clip={sgd_clip:.6g}", f"privacy.sgd-noise={DPSGD[row]}"]
+        if row.endswith("-dp-n1"):
+            out += [f"privacy.act-clip={clip:.6g}", "privacy.act-noise=1.0"]
     if row in NOISE:
         out += [f"privacy.act-clip={clip:.6g}", f"privacy.act-noise={NOISE[row]}"]
     elif row in LABEL_DP:
@@ -140,7 +157,8 @@ def cell(value: Any, fmt: str) -> str:
 
 
 def epsilon_cell(eps: list[float], entry: dict) -> str:
-    """The activations' epsilon (largest any client reported), or the label epsilon."""
+    """The DP epsilon (activations and/or DP-SGD; largest any client reported), or the
+    label epsilon."""
     if eps:
         return format(max(eps), ".3g")
     labels = [c["privacy-label-epsilon"] for c in entry.get("clients_rows", [])
@@ -180,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuts", type=int, nargs="*", default=None)
     parser.add_argument("--clip", type=float, default=0.0,
                         help="clipping bound of the DP rows (0: the median activation norm)")
+    parser.add_argument("--sgd-clip", type=float, default=1.0,
+                        help="per-sample gradient bound of the DP-SGD rows")
     parser.add_argument("--victims", type=int, default=16)
     parser.add_argument("--aux-batches", type=int, default=20)
     parser.add_argument("--attack-steps", type=int, default=500)
@@ -200,9 +220,12 @@ def main(argv: list[str] | None = None) -> int:
             if row in NOPEEK and kind == "text":
                 print(f"[privacy] {row}: NoPeek needs image/array inputs; skipped for text")
                 continue
+            if row in GROUP_NORM and kind != "image":
+                print(f"[privacy] {row}: the GroupNorm baseline is for image models; skipped")
+                continue
             name = f"{row}-cut{cut}"
-            rows[name] = row_overrides(row, cut, clip, kind)
-            clips[name] = clip if row in NOISE else None
+            rows[name] = row_overrides(row, cut, clip, kind, args.sgd_clip)
+            clips[name] = clip if row in NOISE or row.endswith("-dp-n1") else None
     names = list(rows)
     stored = run_rows(rows, names, config, args.clients, args.rounds, out, args.overrides,
                       fresh=args.fresh, collect=args.collect)

@@ -96,10 +96,10 @@ def cross_checks(v: Mapping[str, Any]) -> list[str]:
     if v["train.fraction"] == 0.0:
         problems.append("`train.fraction`: 0 trains no client; use a value in (0, 1]")
     problems += _fleet_checks(v)
-    from fedsplit.trainable import config_problems  # issue 16: train.trainable, lora
+    from fedsplit.trainable import config_problems  # train.trainable, lora
 
     problems += config_problems(v)
-    from fedsplit.privacy.config import config_problems as privacy_problems  # issue 17
+    from fedsplit.privacy.config import config_problems as privacy_problems
 
     problems += privacy_problems(v)
     for check in _EXTRA_CHECKS:

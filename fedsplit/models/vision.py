@@ -47,6 +47,7 @@ ResNets give 28 -> 14 -> 7 (-> 4), VGG pools with ``ceil_mode`` so it never pool
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -102,12 +103,12 @@ class BasicBlock(nn.Module):
     """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1,
-                 shortcut: Shortcut = "projection") -> None:
+                 shortcut: Shortcut = "projection", norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = _conv3x3(in_ch, out_ch, stride)
-        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.bn1 = norm2d(norm, out_ch)
         self.conv2 = _conv3x3(out_ch, out_ch)
-        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.bn2 = norm2d(norm, out_ch)
         self.shortcut: nn.Module
         if stride == 1 and in_ch == out_ch:
             self.shortcut = nn.Identity()
@@ -115,7 +116,7 @@ class BasicBlock(nn.Module):
             self.shortcut = PadShortcut(in_ch, out_ch, stride)
         elif shortcut == "projection":
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), norm2d(norm, out_ch)
             )
         else:
             raise ValueError(
@@ -127,6 +128,26 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         # Not in place: the block's output may be the activation sent across the cut.
         return F.relu(out + self.shortcut(x))  # (B, out_ch, H', W')
+
+
+GROUPS = 16  # GroupNorm groups (fewer when a layer has fewer channels)
+
+
+def norm2d(kind: str, channels: int) -> nn.Module:
+    """The normalization layer of ``model.norm``: ``batch`` (BatchNorm, statistics over
+    the batch) or ``group`` (GroupNorm, Wu & He 2018: statistics within each sample, so
+    one sample's output never depends on another's, as per-sample gradients (DP-SGD)
+    require)."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(GROUPS, channels), channels)
+    raise ValueError(f"model.norm must be `batch` or `group`, got {kind!r}")
+
+
+def norm_of(cfg: Any) -> str:
+    """``cfg.norm`` (``model.norm``), ``batch`` when a hand-made config has none."""
+    return getattr(cfg, "norm", "batch")
 
 
 def _head(
@@ -155,7 +176,7 @@ def _init_convs(model: nn.Sequential) -> nn.Sequential:
 def _resnet(name: str, cfg: Any) -> nn.Sequential:
     widths, depths, shortcut = _RESNETS[name]
     stem = nn.Sequential(  # (B, widths[0], H, W): stride 1, no max-pool (CIFAR form)
-        _conv3x3(cfg.in_channels, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        _conv3x3(cfg.in_channels, widths[0]), norm2d(norm_of(cfg), widths[0]), nn.ReLU()
     )
     blocks: list[nn.Module] = []
     in_ch = widths[0]
@@ -164,7 +185,7 @@ def _resnet(name: str, cfg: Any) -> nn.Sequential:
             # Stage s > 0 halves H and W in its first block: 32x32 input gives
             # (B, w1, 32, 32) -> (B, w2, 16, 16) -> (B, w3, 8, 8) [-> (B, w4, 4, 4)]
             stride = 2 if stage > 0 and i == 0 else 1
-            blocks.append(BasicBlock(in_ch, width, stride, shortcut))
+            blocks.append(BasicBlock(in_ch, width, stride, shortcut, norm_of(cfg)))
             in_ch = width
     head = _head(in_ch, cfg.num_labels)  # (B, C, h, w) -> (B, C) -> (B, num_labels)
     return _init_convs(nn.Sequential(stem, *blocks, head))
@@ -229,7 +250,7 @@ def build_vgg11(cfg: Any, pretrained: bool = True) -> nn.Sequential:
             blocks[-1].append(nn.MaxPool2d(2, ceil_mode=True))
         else:
             assert isinstance(v, int)
-            blocks.append(nn.Sequential(_conv3x3(in_ch, v), nn.BatchNorm2d(v), nn.ReLU()))
+            blocks.append(nn.Sequential(_conv3x3(in_ch, v), norm2d(norm_of(cfg), v), nn.ReLU()))
             in_ch = v
     head = _head(in_ch, cfg.num_labels)  # (B, 512, 1, 1) -> (B, 512) -> (B, num_labels)
     return _init_convs(nn.Sequential(*blocks, head))

@@ -5,6 +5,9 @@ Defenses (config section ``privacy``; docs/privacy.md):
 * DP on the cut activations: :class:`ActivationDP` (per-sample clipping + Gaussian
   noise), applied by :class:`PrivateChannel` to everything a client's channel sends,
   accounted with Opacus's RDP accountant (:mod:`fedsplit.privacy.accounting`);
+* DP-SGD on the client segment: :class:`~fedsplit.privacy.dpsgd.SegmentDPSGD` (Opacus
+  per-sample gradients from the server's cut gradient, clipped and noised), accounted
+  together with the activations;
 * NoPeek: a distance-correlation term in the client's loss (:mod:`fedsplit.privacy.nopeek`).
 
 Attacks, as an honest-but-curious server runs them: :mod:`fedsplit.privacy.attacks`.

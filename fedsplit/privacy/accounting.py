@@ -1,9 +1,11 @@
 """Privacy accounting of the activation releases with Opacus's RDP accountant.
 
 What is accounted, per client and with respect to one sample of its partition: every
-batch whose activations leave the client is a Gaussian mechanism (noise multiplier
-``sigma``, see :mod:`fedsplit.privacy.mechanism`) applied to a sample of the partition
-at rate ``q = batch_size / partition size``; ``steps`` such batches compose. Opacus's
+batch whose activations leave the client (noise multiplier ``act-noise``, see
+:mod:`fedsplit.privacy.mechanism`) and/or whose noisy gradient step changes the weights
+the client sends (``sgd-noise``, :mod:`fedsplit.privacy.dpsgd`) is one Gaussian mechanism
+(:func:`combined_noise`) applied to a sample of the partition at rate
+``q = batch_size / partition size``; ``steps`` such batches compose. Opacus's
 :class:`~opacus.accountants.RDPAccountant` turns ``(sigma, q, steps)`` into epsilon at
 the configured delta. Like DP-SGD in practice (Opacus included), the accountant assumes
 Poisson sampling while fedsplit's batches are shuffled fixed-size batches; docs/privacy.md
@@ -32,6 +34,20 @@ def accountant_noise(noise: float, neighbours: str) -> float:
     if neighbours == "replace-one":
         return noise / 2
     raise ValueError(f"privacy.neighbours must be zero-out or replace-one, got {neighbours!r}")
+
+
+def combined_noise(privacy: Any) -> float:
+    """The accountant's noise multiplier of one batch's releases together: the noisy
+    activations (``act-noise``) and the noisy gradient step (``sgd-noise``) of the same
+    batch are two Gaussian mechanisms on the same sample, which compose (adaptively) into
+    one Gaussian mechanism with ``sigma = (sigma_act^-2 + sigma_sgd^-2)^(-1/2)`` (Dong,
+    Roth & Su 2019, Gaussian DP); the batch's subsampling applies to that pair. 0: no
+    noise, no guarantee."""
+    parts = [accountant_noise(n, privacy.neighbours)
+             for n in (privacy.act_noise, privacy.sgd_noise) if n > 0]
+    if not parts:
+        return 0.0
+    return sum(s ** -2 for s in parts) ** -0.5
 
 
 def epsilon(noise: float, sample_rate: float, steps: int, delta: float) -> float:
@@ -63,9 +79,9 @@ def client_metrics(privacy: Any, steps: int, consumed: int, partition: int,
     """The ``privacy-*`` metrics of one client's round: ``steps`` batches released this
     round, ``consumed`` samples (the server's cursor) before it, a ``partition`` of that
     many samples, batches of ``batch_size``. ``privacy`` is the config's privacy section."""
-    if privacy.act_noise <= 0:
+    noise = combined_noise(privacy)
+    if noise <= 0:
         return {}  # clipping alone gives no guarantee: no epsilon to report
-    noise = accountant_noise(privacy.act_noise, privacy.neighbours)
     rate = min(1.0, batch_size / max(partition, 1))
     total = steps_before(consumed, partition, batch_size) + steps
     return {EPSILON: epsilon(noise, rate, total, privacy.delta),

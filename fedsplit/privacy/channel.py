@@ -131,6 +131,29 @@ class ClientPrivacy:
         self.label_dp: Any = None
         nopeek = cfg.privacy.nopeek > 0 and sends_activations  # a `full` client sends none
         self.nopeek = NoPeek(segment, cfg.privacy.nopeek) if nopeek else None
+        self.segment = segment
+        self.dpsgd: Any = None
+
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """``optimizer`` itself, or with DP-SGD (``privacy.sgd-clip`` > 0) Opacus's
+        ``DPOptimizer`` around it (:class:`~fedsplit.privacy.dpsgd.SegmentDPSGD`); the
+        per-sample gradient hooks stay on the segment until :meth:`close`."""
+        privacy = self.cfg.privacy
+        if privacy.sgd_clip <= 0:
+            return optimizer
+        from fedsplit.privacy.dpsgd import SegmentDPSGD
+
+        self.dpsgd = SegmentDPSGD(self.segment, optimizer, privacy.sgd_clip,
+                                  privacy.sgd_noise, self.cfg.train.batch_size)
+        return self.dpsgd.optimizer
+
+    def close(self) -> None:
+        """End the round's hooks (DP-SGD's, NoPeek's); safe to call twice."""
+        if self.dpsgd is not None:
+            self.dpsgd.close()
+            self.dpsgd = None
+        if self.nopeek is not None:
+            self.nopeek.remove()
 
     def relabel(self, batches: Any, state: Any) -> Any:
         """``batches`` with randomized-response labels when ``privacy.label-epsilon`` > 0
@@ -154,23 +177,29 @@ class ClientPrivacy:
         return self.channel
 
     def metrics(self, consumed: int, partition: int) -> dict[str, float]:
-        """The round's ``privacy-*`` metrics (see :func:`privacy_metrics`, ``privacy-dcor``)."""
-        out = privacy_metrics(self.channel, self.cfg, consumed, partition)
+        """The round's ``privacy-*`` metrics (see :func:`privacy_metrics`, ``privacy-dcor``)
+        after :meth:`close`."""
+        steps = self.dpsgd.steps if self.dpsgd is not None else 0
+        out = privacy_metrics(self.channel, self.cfg, consumed, partition, steps)
         if self.label_dp is not None:
             out.update(self.label_dp.metrics())
         if self.nopeek is not None:
             out.update(self.nopeek.metrics())
-            self.nopeek.remove()
+        self.close()
         return out
 
 
-def privacy_metrics(channel: Any, cfg: Any, consumed: int, partition: int) -> dict[str, float]:
-    """The client's ``privacy-*`` metrics of the round (``{}`` without DP on the
-    activations): its releases this round, ``consumed`` samples before it (the server's
-    data cursor), a partition of ``partition`` samples."""
-    if not isinstance(channel, PrivateChannel):
-        return {}
+def privacy_metrics(channel: Any, cfg: Any, consumed: int, partition: int,
+                    sgd_steps: int = 0) -> dict[str, float]:
+    """The client's ``privacy-*`` metrics of the round (``{}`` without noise): its
+    batches released this round (activations through a :class:`PrivateChannel`, noisy
+    gradients: ``sgd_steps``; the same batches when both), ``consumed`` samples before it
+    (the server's data cursor), a partition of ``partition`` samples."""
+    private = isinstance(channel, PrivateChannel)
+    if not private and cfg.privacy.sgd_clip <= 0:
+        return {}  # nothing noised left this client (e.g. act-noise on a `full` client)
+    releases = channel.releases if private else 0
     from fedsplit.privacy.accounting import client_metrics
 
-    return client_metrics(cfg.privacy, channel.releases, consumed, partition,
+    return client_metrics(cfg.privacy, max(releases, sgd_steps), consumed, partition,
                           cfg.train.batch_size)

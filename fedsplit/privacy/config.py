@@ -19,6 +19,17 @@ def config_problems(v: Mapping[str, Any]) -> list[str]:
     if v.get("privacy.act-noise", 0.0) > 0 and importlib.util.find_spec("opacus") is None:
         problems.append("`privacy.act-noise`: epsilon is computed with Opacus's RDP accountant, "
                         "which is not installed; pip install -e \".[privacy]\" (opacus==1.6.0)")
+    sgd_noise, sgd_clip = v.get("privacy.sgd-noise", 0.0), v.get("privacy.sgd-clip", 0.0)
+    if sgd_noise > 0 and sgd_clip <= 0:
+        problems.append("`privacy.sgd-noise`: the noise is scaled by the gradient clipping bound; "
+                        "set privacy.sgd-clip > 0 (e.g. privacy.sgd-clip=1.0) or sgd-noise=0")
+    if sgd_clip > 0 and importlib.util.find_spec("opacus") is None:
+        problems.append("`privacy.sgd-clip`: DP-SGD computes per-sample gradients with Opacus, "
+                        "which is not installed; pip install -e \".[privacy]\" (opacus==1.6.0)")
+    if sgd_clip > 0 and v.get("privacy.nopeek", 0.0) > 0:
+        problems.append("`privacy.nopeek` with `privacy.sgd-clip`: NoPeek's loss couples the "
+                        "samples of a batch, so no sample has its own gradient to clip; use "
+                        "one of the two (set privacy.nopeek=0 or privacy.sgd-clip=0)")
     if v.get("privacy.label-epsilon", 0.0) > 0 and v.get("task.name") != "classification":
         problems.append("`privacy.label-epsilon`: randomized response replaces class labels; "
                         "it applies to task.name=classification only (set it to 0)")

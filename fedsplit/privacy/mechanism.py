@@ -17,6 +17,16 @@ import secrets
 import torch
 
 
+def secret_generator(device: torch.device | str = "cpu",
+                     seed: int | None = None) -> torch.Generator:
+    """A noise generator on ``device`` seeded from the operating system's entropy (``seed``
+    only in tests): never from anything the server knows, or it could regenerate the noise
+    and subtract it. torch's generator, not a cryptographically secure one."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(secrets.randbits(63) if seed is None else int(seed))
+    return gen
+
+
 def clip_per_sample(hidden: torch.Tensor, clip: float) -> torch.Tensor:
     """``hidden`` (B, ...) with each sample's tensor scaled to L2 norm <= ``clip``.
 

@@ -28,7 +28,7 @@ from fedsplit.server import checkpoint
 from fedsplit.server.trainer import ServerTrainer
 from fedsplit.split.layout import client_layout
 from fedsplit.prepare import prepare_run
-from fedsplit.privacy.accounting import round_metrics as privacy_round_metrics  # issue 17
+from fedsplit.privacy.accounting import round_metrics as privacy_round_metrics
 from fedsplit.tasks import evaluate
 from fedsplit.tasks.evaluate import reusable_batches
 
@@ -175,7 +175,7 @@ def _serve(grid: Grid, cfg: DictConfig, build_strategy: StrategyFactory) -> RunW
                 "batches": sum(t.steps for t in stats.traffic.values()),
                 **stats.server_metrics,
                 **strategy.round_metrics(server_round),
-                **privacy_round_metrics(stats.clients_metrics),  # issue 17: epsilon
+                **privacy_round_metrics(stats.clients_metrics),  # DP epsilon
             })
             writer.add(row, clients=[{"round": server_round, **m} for m in stats.clients_metrics])
             acc = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"

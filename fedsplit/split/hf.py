@@ -89,9 +89,22 @@ class EncoderFamily:
         raise NotImplementedError
 
     def embed(self, embeddings: nn.Module, batch: Batch) -> torch.Tensor:
-        """Embeddings output ``(B, T, H)``; positions are the model's defaults."""
+        """Embeddings output ``(B, T, H)``.
+
+        Every embedding lookup gets a ``(B, T)`` index, never the model's shared ``(1, T)``
+        default buffers (same values): per-sample gradients (DP-SGD, Opacus) need each
+        sample's own input to every layer, which a lookup broadcast over the batch hides.
+        """
+        ids = batch["input_ids"]  # (B, T)
         token_type_ids = batch.get("token_type_ids") if self.uses_token_type_ids else None
-        return embeddings(input_ids=batch["input_ids"], token_type_ids=token_type_ids)
+        if token_type_ids is None and self.uses_token_type_ids:
+            token_type_ids = torch.zeros_like(ids)  # the model's default: segment 0
+        return embeddings(input_ids=ids, token_type_ids=token_type_ids,
+                          position_ids=self.positions(ids))
+
+    def positions(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """``(B, T)`` position ids 0..T-1 of each sample (``None``: the model derives them)."""
+        return torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
 
     def layer_mask(
         self, config: PretrainedConfig, hidden: torch.Tensor, attention_mask: torch.Tensor | None
@@ -167,6 +180,9 @@ class RobertaFamily(BertFamily):
     def head(self, model: PreTrainedModel) -> nn.Module:
         return model.classifier  # RobertaClassificationHead: (B, T, H) -> (B, C)
 
+    def positions(self, ids: torch.Tensor) -> torch.Tensor | None:
+        return None  # RobertaEmbeddings derives (B, T) positions from the padding itself
+
 
 @HF_FAMILIES.register("distilbert")
 class DistilBertFamily(EncoderFamily):
@@ -178,7 +194,8 @@ class DistilBertFamily(EncoderFamily):
         return list(self.backbone(model).transformer.layer)
 
     def embed(self, embeddings: nn.Module, batch: Batch) -> torch.Tensor:
-        return embeddings(batch["input_ids"])
+        ids = batch["input_ids"]  # (B, T); (B, T) positions as in EncoderFamily.embed
+        return embeddings(ids, position_ids=self.positions(ids))
 
     def head(self, model: PreTrainedModel) -> nn.Module:
         return DistilBertHead(model.pre_classifier, model.dropout, model.classifier)

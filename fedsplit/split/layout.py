@@ -254,7 +254,7 @@ def client_layout(model: nn.Module, cfg: Any) -> ModelLayout:
     (``lora``) are injected first and ``train.trainable`` freezes the rest after, so the
     server and every client build the same adapters and freeze the same parameters.
     """
-    from fedsplit.models.lora import apply_lora, lora_enabled  # issue 16: LoRA, trainable
+    from fedsplit.models.lora import apply_lora, lora_enabled
     from fedsplit.trainable import apply_trainable, freezes_base
 
     if lora_enabled(cfg):

@@ -181,3 +181,20 @@ def test_build_model_reads_in_channels_from_the_config() -> None:
     model = build_model(ModelConfig(name="lenet5", num_labels=3, in_channels=1), pretrained=True)
     assert model[0][0].in_channels == 1
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18", "vgg11"])
+def test_group_norm_replaces_every_batch_norm(name):
+    """model.norm=group: no BatchNorm left (per-sample statistics, as DP-SGD needs), same
+    parameter count (GroupNorm's affine weight and bias match BatchNorm's), same shapes."""
+    batch = build(name)
+    group = MODELS.get(name)(SimpleNamespace(num_labels=10, in_channels=3, norm="group"))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in group.modules())
+    assert sum(isinstance(m, nn.GroupNorm) for m in group.modules()) == sum(
+        isinstance(m, nn.BatchNorm2d) for m in batch.modules())
+    assert sum(p.numel() for p in group.parameters()) == sum(
+        p.numel() for p in batch.parameters())
+    group.eval()
+    x = torch.randn(2, 3, 32, 32)
+    alone = group(x[:1])
+    torch.testing.assert_close(group.train()(x)[:1], alone)  # no sample sees another

@@ -17,6 +17,13 @@ def test_row_overrides_per_defense():
     assert privacy.row_overrides("none", 2, 3.0, "image") == ["model.cut=2"]
     assert privacy.row_overrides("dp-n0.5", 1, 3.25, "image") == [
         "model.cut=1", "privacy.act-clip=3.25", "privacy.act-noise=0.5"]
+    assert privacy.row_overrides("dpsgd-n1", 1, 3.0, "image", 0.5) == [
+        "model.cut=1", "model.norm=group", "privacy.sgd-clip=0.5", "privacy.sgd-noise=1.0"]
+    assert privacy.row_overrides("dpsgd-n1-dp-n1", 2, 3.0, "text")[1:] == [
+        "privacy.sgd-clip=1", "privacy.sgd-noise=1.0", "privacy.act-clip=3",
+        "privacy.act-noise=1.0"]
+    assert privacy.row_overrides("none-gn", 1, 3.0, "image") == ["model.cut=1",
+                                                                 "model.norm=group"]
     text = privacy.row_overrides("topk10-2bit", 3, 1.0, "text")
     assert text[1].startswith("codec.up=[drop-padding, {name: topk-mask")
 
