@@ -46,9 +46,10 @@ from fedsplit.protocol import (
 )
 from fedsplit.quantization import QuantizationError
 from fedsplit.server.layerwise import SegmentUpdate, to_global
-from fedsplit.split.layout import ClientPlan, ModelLayout
+from fedsplit.split.layout import ClientPlan, LayoutError, ModelLayout
 from fedsplit.sync import BASE_MISMATCH, SyncError, decode_client, encode_global, frozen_digest
 from fedsplit.trainable import synced_keys
+from strategies import StrategyError
 from strategies.directory import ClientDirectory
 
 
@@ -117,6 +118,22 @@ def encode_segment(cfg: Any, layout: ModelLayout, plan: ClientPlan, aux: nn.Modu
                                {k: g for k, g in keys.items() if k in synced}, digest)
 
 
+def round_plans(strategy: Any, server_round: int, node_ids: list[int], layout: ModelLayout,
+                stats: RoundStats) -> dict[int, ClientPlan]:
+    """Each sampled client's plan (``strategy.client_plan``), checked against ``layout``
+    (an impossible one names the strategy and the client) and recorded in ``stats``."""
+    plans = {}
+    for n in node_ids:
+        plans[n] = strategy.client_plan(server_round, n)
+        try:
+            layout.check(plans[n])
+        except LayoutError as exc:
+            raise StrategyError(f"{type(strategy).__name__}.client_plan gave client "
+                                f"{strategy.client_key(n)} an impossible plan: {exc}") from None
+        stats.plans[str(n)] = plans[n].to_json()
+    return plans
+
+
 def client_seed(run_seed: int, server_round: int, client_key: str) -> int:
     """A client's codec seed for a round (dropout positions, rounding noise).
 
@@ -159,6 +176,34 @@ def train_record(config: ConfigRecord, *, server_round: int, run_config: Mapping
     for key, value in extra.items():
         record[key] = value
     return record
+
+
+def train_messages(strategy: Any, server_round: int, config: ConfigRecord,
+                   plans: Mapping[int, ClientPlan], seeds: Mapping[str, int],
+                   access: Mapping[str, ChannelAccess], stats: RoundStats) -> list[Message]:
+    """The round's train message for each planned client of ``strategy`` (a
+    :class:`~strategies.splitfed.SplitFedAvg`), in ``plans``' order: its segment (encoded
+    once per distinct plan; in full for a client whose frozen weights differ), its seed,
+    data cursor and channel ``access`` (clients on the channel only)."""
+    records: dict[tuple[ClientPlan, bool], tuple[ArrayRecord, SentSegment]] = {}
+    book, layout = strategy.book, strategy._require_layout()
+    messages = []
+    for node_id, plan in plans.items():
+        full = node_id in book.needs_base  # its frozen weights differ: send everything
+        if (plan, full) not in records:
+            records[plan, full] = encode_segment(strategy.cfg, layout, plan,
+                                                 strategy.aux_head(plan), strategy.extras,
+                                                 strategy.global_masks, full=full)
+        arrays_out, sent = records[plan, full]
+        record = train_record(
+            config, server_round=server_round, run_config=strategy.run_config, plan=plan,
+            overrides=strategy.client_overrides(server_round, node_id),
+            seed=seeds[str(node_id)], cursor=strategy.directory.cursor(node_id),
+            channel=access.get(str(node_id)),
+            extra=strategy.client_config(server_round, node_id))
+        messages.append(book.train_message(stats, node_id, arrays_out, sent, record,
+                                           strategy.arrayrecord_key, strategy.configrecord_key))
+    return messages
 
 
 class RoundBook:

@@ -58,7 +58,7 @@ from fedsplit.server.trainer import SEGMENTS, Route
 from fedsplit.modes import MODES
 from fedsplit.split import SplitModel
 from fedsplit.split.base import Batch
-from fedsplit.split.layout import ClientPlan, LayoutError, ModelLayout
+from fedsplit.split.layout import ClientPlan, ModelLayout
 from fedsplit.sync import compressed_updates
 from fedsplit.tasks import build_task, evaluate
 from strategies import STRATEGIES, StrategyError
@@ -67,11 +67,10 @@ from strategies.rounds import (
     ChannelAccess,
     ReplyTally,
     RoundBook,
-    SentSegment,
     client_seed,
-    encode_segment,
     log_split_summary,
-    train_record,
+    round_plans,
+    train_messages,
 )
 
 
@@ -345,15 +344,7 @@ class SplitFedAvg(FedAvg):
         self.channel.trainer.begin_round(server_round)
         # The global model = this client segment + the trainer's server segment.
         layout.split(layout.default_cut).client.load_state_dict(arrays.to_torch_state_dict())
-        plans = {}
-        for n in node_ids:
-            plans[n] = self.client_plan(server_round, n)
-            try:
-                layout.check(plans[n])
-            except LayoutError as exc:
-                raise StrategyError(f"{type(self).__name__}.client_plan gave client "
-                                    f"{self.client_key(n)} an impossible plan: {exc}") from None
-            stats.plans[str(n)] = plans[n].to_json()
+        plans = round_plans(self, server_round, node_ids, layout, stats)
         on_channel = [n for n in node_ids if plans[n].uses_channel]
         codecs = {str(n): self.client_codecs(server_round, n) for n in on_channel}
         seeds = {str(n): client_seed(self.cfg.run.seed, server_round, self.client_key(n))
@@ -368,25 +359,9 @@ class SplitFedAvg(FedAvg):
         tickets = self.channel.open_round(server_round, [str(n) for n in on_channel],
                                           self.round_timeout, codecs=codecs, seeds=seeds,
                                           routes=routes)
-        records: dict[tuple[ClientPlan, bool], tuple[ArrayRecord, SentSegment]] = {}
-        messages = []
-        for node_id in node_ids:
-            plan, full = plans[node_id], node_id in self.book.needs_base  # frozen differ
-            if (plan, full) not in records:
-                records[plan, full] = encode_segment(self.cfg, layout, plan, self.aux_head(
-                    plan), self.extras, self.global_masks, full=full)
-            arrays_out, sent = records[plan, full]
-            access = (ChannelAccess(self.channel.address, tickets[str(node_id)].token,
-                                    codecs[str(node_id)]) if plan.uses_channel else None)
-            record = train_record(
-                config, server_round=server_round, run_config=self.run_config, plan=plan,
-                overrides=self.client_overrides(server_round, node_id),
-                seed=seeds[str(node_id)], cursor=self.directory.cursor(node_id),
-                channel=access, extra=self.client_config(server_round, node_id))
-            messages.append(self.book.train_message(stats, node_id, arrays_out, sent, record,
-                                                    self.arrayrecord_key,
-                                                    self.configrecord_key))
-        return messages
+        access = {str(n): ChannelAccess(self.channel.address, tickets[str(n)].token,
+                                        codecs[str(n)]) for n in on_channel}
+        return train_messages(self, server_round, config, plans, seeds, access, stats)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

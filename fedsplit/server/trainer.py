@@ -45,6 +45,7 @@ from fedsplit.modes import BadStepError
 from fedsplit.optim import make_optimizer, run_progress, set_lr
 from fedsplit.runtime import module_device
 from fedsplit.server.batching import StepBatcher, StepRequest, train_group
+from fedsplit.server.checks import check_activations, check_shape
 from fedsplit.server.layerwise import LayerSums, to_global
 from fedsplit.split import SplitModel
 from fedsplit.split.layout import ClientPlan, LayoutError, ModelLayout
@@ -359,33 +360,15 @@ class ServerTrainer:
     # ---------------------------------------------------------------- shared
     def check_activations(self, hidden: torch.Tensor, side: dict[str, torch.Tensor],
                           cut: int | None = None) -> None:
-        if not hidden.is_floating_point():
-            raise BadStepError(f"activations must be floating point, got {hidden.dtype}")
-        if hidden.dim() < 2 or hidden.shape[0] == 0:
-            raise BadStepError(f"activations must be (B, ...) with B > 0, got {tuple(hidden.shape)}")
-        expected = self._expected.get(self.layout.default_cut if cut is None else cut)
-        if expected is not None:
-            shape, variable = expected
-            got = tuple(hidden.shape[1:])
-            if len(got) != len(shape) or any(
-                    g != e for i, (g, e) in enumerate(zip(got, shape)) if not (variable and i == 0)):
-                want = ", ".join(["T" if variable and i == 0 else str(e)
-                                  for i, e in enumerate(shape)])
-                raise BadStepError(f"activations at cut {cut} must be (B, {want}), got "
-                                   f"{tuple(hidden.shape)}")
-        if not torch.isfinite(hidden).all():
-            raise BadStepError("activations contain NaN or Inf")
-        for name, t in side.items():
-            if t.shape[0] != hidden.shape[0]:
-                raise BadStepError(f"side tensor {name!r} has batch {t.shape[0]}, "
-                                   f"activations have {hidden.shape[0]}")
+        """Raise :class:`BadStepError` unless ``hidden`` (B, ...) and ``side`` are what a
+        client at ``cut`` sends (:func:`~fedsplit.server.checks.check_activations`)."""
+        cut = self.layout.default_cut if cut is None else cut
+        check_activations(hidden, side, self._expected.get(cut), cut)
 
     def check_batch(self, hidden: torch.Tensor, side: dict[str, torch.Tensor],
                     targets: torch.Tensor, cut: int | None = None) -> None:
-        if not hidden.is_floating_point():
-            raise BadStepError(f"activations must be floating point, got {hidden.dtype}")
-        if hidden.dim() < 2 or hidden.shape[0] == 0:
-            raise BadStepError(f"activations must be (B, ...) with B > 0, got {tuple(hidden.shape)}")
+        """:meth:`check_activations`, and ``targets`` as the objective needs them."""
+        check_shape(hidden)
         try:
             self.objective.check(targets, int(hidden.shape[0]))
         except TargetError as exc:
