@@ -15,9 +15,10 @@ What a client's frames may be, and what the server does with them, is its traini
 mode's business (:mod:`fedsplit.modes`; the mode comes from the client's trainer route,
 ``open_round(routes=...)``): ``split`` STEP -> GRAD; ``local-loss`` STEP -> LOSS (no
 gradient); ``u-shaped`` STEP without labels -> MIDDLE, then BACK -> GRAD (the Back
-method). This module does what every mode shares: framing, tokens, step order, decoding
-the activations, byte counts. Anything a mode does not allow, e.g. labels from a
-u-shaped client, is refused.
+method). Greedy generation through the server's segment has its own method, Generate
+(:mod:`fedsplit.channel.generation`). This module does what every mode shares: framing,
+tokens, step order, decoding the activations, byte counts. Anything a mode does not
+allow, e.g. labels from a u-shaped client, is refused.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ SERVICE = "fedsplit.SplitChannel"
 STEP_METHOD = f"/{SERVICE}/Step"
 FINISH_METHOD = f"/{SERVICE}/Finish"
 BACK_METHOD = f"/{SERVICE}/Back"  # u-shaped: the gradient of the middle layers' output
+GENERATE_METHOD = f"/{SERVICE}/Generate"  # generation: fedsplit.channel.generation
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class _Session:
     pending: int | None = None  # the step whose BACK is awaited (modes with a middle)
     pending_mask: torch.Tensor | None = None  # ... and its padding mask (for the codecs)
     peer: str | None = None  # the connection that first used the token
+    generation: Any = None  # the server's generation stage and its KV cache, if any
 
 
 def advertised_address(address: str, host: str, port: int) -> str:
@@ -149,6 +152,7 @@ class SplitChannelServer:
             "Step": grpc.unary_unary_rpc_method_handler(self._handle_step),
             "Finish": grpc.unary_unary_rpc_method_handler(self._handle_finish),
             "Back": grpc.unary_unary_rpc_method_handler(self._handle_back),
+            "Generate": grpc.unary_unary_rpc_method_handler(self._handle_generate),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         bind = f"{self.cfg.host}:{self.cfg.port}"
@@ -218,6 +222,7 @@ class SplitChannelServer:
         traffic = {}
         for sess in sessions:
             with sess.lock:  # wait for an in-flight step of this client
+                sess.generation = None  # a generation's cache ends with the round
                 if not sess.traffic.finished:
                     self.trainer.discard(sess.client)
                 traffic[sess.client] = sess.traffic
@@ -266,6 +271,11 @@ class SplitChannelServer:
 
     def _handle_back(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         return self._guard(self._back, request, context)
+
+    def _handle_generate(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        from fedsplit.channel.generation import serve
+
+        return self._guard(lambda req, peer: serve(self, req, peer), request, context)
 
     def _step(self, request: bytes, peer: str = "") -> bytes:
         _, fields = wire.decode_frame(request, expect=Kind.STEP)

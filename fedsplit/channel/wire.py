@@ -55,6 +55,9 @@ class Kind(enum.IntEnum):
     LOSS = 5  # server -> client (local-loss): loss + correct only, no gradient
     MIDDLE = 6  # server -> client (u-shaped): the middle layers' output for a STEP
     BACK = 7  # client -> server (u-shaped): gradient w.r.t. that output; answered by GRAD
+    # Generation over the channel (fedsplit.channel.generation):
+    GENERATE = 8  # client -> server: prefill / step / close of the server's stage
+    GENERATED = 9  # server -> client: its output (hidden states or token ids)
 
 
 # dtype <-> code, a closed set: nothing else can be decoded.

@@ -26,8 +26,9 @@ step        ``(B, 1, H)``, the newest token only ``position_ids`` ``(B, 1)``,
 
 A stage is anything with ``prefill(hidden, side)``, ``step(hidden, side)`` and
 ``close()`` (:class:`Stage`): a segment in this process (:class:`SegmentStage`) or, with
-the same calls, a proxy that sends one request per call over the split channel (the
-server keeps the cache between requests; ``close`` frees it). The last stage returns the
+the same calls, :class:`fedsplit.channel.generation.RemoteStage`, which sends one request
+per call over the split channel (the server keeps its cache in the client's session
+between requests; ``close`` frees it). The last stage returns the
 logits of the newest position ``(B, 1, V)`` or, if it chooses the token itself (a remote
 server need send back no logits), the token ids ``(B,)``.
 
@@ -218,7 +219,7 @@ def as_stages(segments: Sequence[nn.Module | Stage]) -> list[Stage]:
     return out
 
 
-def _ids(out: torch.Tensor) -> torch.Tensor:
+def next_token_ids(out: torch.Tensor) -> torch.Tensor:
     """The last stage's output -> next token ids ``(B,)``."""
     if not out.is_floating_point():
         return out.reshape(-1)
@@ -272,7 +273,7 @@ def greedy_generate(front: DecoderClient | DecoderFront, stages: Sequence[nn.Mod
         for stage in pipeline:
             out = stage.prefill(out, cut.side)
         while True:
-            nxt = _ids(out).to(running.device)  # (B,)
+            nxt = next_token_ids(out).to(running.device)  # (B,)
             if eos is not None:
                 nxt = torch.where(running, nxt, torch.full_like(nxt, int(pad_token_id)))
                 running &= ~torch.isin(nxt, eos)
