@@ -23,6 +23,17 @@ def test_overrides_win_over_file_and_empty_string_keeps_file_value():
     assert cfg.train.rounds == 10  # "" = keep the YAML value
 
 
+def test_an_empty_command_line_value_clears_a_string_key():
+    """`key=` on the command line sets "" (e.g. drop the prompt/target columns of a file
+    config to train on .txt blocks); in Flower's run config "" still keeps the file's."""
+    over = ["data.prompt-column=", 'data.target-column=""', "data.train=[a.txt]",
+            "data.test=[b.txt]", "data.block-size=64"]
+    cfg = load_config("configs/e2e_smollm2_lora.yaml", over)
+    assert cfg.data.prompt_column == "" and cfg.data.target_column == ""
+    kept = load_config("configs/e2e_smollm2_lora.yaml", {"data.prompt-column": ""})
+    assert kept.data.prompt_column == "mr"
+
+
 def test_command_line_strings_are_parsed_like_yaml():
     cfg = load_config(None, ["train.lr=1e-4", "data.train=[a.tsv, b.tsv]", "run.progress=false"])
     assert cfg.train.lr == pytest.approx(1e-4)

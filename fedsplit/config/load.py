@@ -69,6 +69,11 @@ def _parse_value(text: str) -> Any:
     return val
 
 
+class _Cleared(str):
+    """An empty command-line value (``key=`` or ``key=""``): sets the key to ``""``. In
+    Flower's run config (a mapping) ``""`` means "keep the file's value" instead."""
+
+
 def parse_overrides(items: list[str] | Mapping[str, Any] | None) -> dict[str, Any]:
     """``["train.lr=1e-4", ...]`` or a mapping -> flat ``{"train.lr": 1e-4}``."""
     if not items:
@@ -83,7 +88,8 @@ def parse_overrides(items: list[str] | Mapping[str, Any] | None) -> dict[str, An
                             "(e.g. train.lr=1e-4)")
             continue
         key, _, value = item.partition("=")
-        out[key.strip()] = _parse_value(value)
+        parsed = _parse_value(value)
+        out[key.strip()] = _Cleared("") if parsed == "" else parsed
     if problems:
         raise ConfigError(problems)
     return out
@@ -216,7 +222,9 @@ def read_flat(
     if problems:
         raise ConfigError(problems)
     for k, val in over.items():
-        if isinstance(val, str) and val == UNSET:
+        if isinstance(val, _Cleared):
+            val = ""  # `key=` on the command line: really empty
+        elif isinstance(val, str) and val == UNSET:
             continue
         flat[k], sources[k] = val, "overrides"
     return flat, sources
