@@ -107,6 +107,21 @@ class _RowParser(argparse.ArgumentParser):
                                   namespace)
 
 
+def time_to_accuracy(rows: list[dict[str, Any]], target: float,
+                     key: str = "accuracy") -> tuple[int | None, float | None]:
+    """The first round whose ``key`` reaches ``target`` and the wall seconds from the start
+    of round 1 to the end of that round (the rounds' ``seconds``: configure to aggregate,
+    plus that round's evaluation); ``(None, None)`` when no round reaches it. Rounds not
+    evaluated cannot reach it: evaluate every round (``eval.every=1``) for a sharp figure."""
+    elapsed = 0.0
+    for r in rows:
+        elapsed += float(r["seconds"])
+        value = r.get(key)
+        if value is not None and value >= target:
+            return int(r["round"]), elapsed
+    return None, None
+
+
 def row_parser(doc: str | None, rows: list[str] | None) -> argparse.ArgumentParser:
     """The options every comparison benchmark takes (``rows``: the allowed row names;
     ``None`` when they are only known after parsing)."""

@@ -17,6 +17,20 @@ model sync (the Flower messages carry the ~59 MB fp32 client segment each way):
         --setting "rot-sign80+sync=$S|$S|$SYNC" \
         --out experiments/results/edge_network_minilm_2mbit.json train.local-steps=8
 
+Time to accuracy (``--target-accuracy``: every round is evaluated; a second table gives
+each setting's rounds and seconds to the target and the ratio uncompressed / setting),
+SST-2 + MiniLM, uncompressed against the best settings (entropy-coded transform-coded
+activations, norm-sampled sign gradients, compressed model sync)::
+
+    UP="[drop-padding, {name: klt-ec, bits: 1.36}]"
+    DOWN="[drop-padding, {name: row-sampling, fraction: 0.2}, rotate, sign]"
+    SYNC="prune.kind=unstructured;prune.target=0.5;prune.embeddings=true;prune.scope=layer"
+    SYNC="$SYNC;prune.schedule=constant;quant.update-bits=8;quant.down-int8=true"
+    sudo python experiments/edge_network.py --config configs/sst2_minilm.yaml --cut 2 \
+        --rounds 12 --batch-size 32 --rate-mbit 10 --rtt-ms 40 --target-accuracy 0.84 \
+        --setting "uncompressed=identity|identity" --setting "best=$UP|$DOWN|$SYNC" \
+        --out experiments/results/tta_minilm_10mbit.json train.local-steps=32
+
 ``--setting NAME=UP|DOWN[|KEY=VALUE;KEY=VALUE...]``: the split channel's up and down
 codecs (YAML codec specs) and, optionally, config overrides for this setting only
 (``section.key=value``, separated by ``;``; they apply on top of the positional
@@ -70,6 +84,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments.common import time_to_accuracy  # noqa: E402
 from fedsplit.config import ConfigError, load_config  # noqa: E402
 from fedsplit.deploy.data import prepare_device_data  # noqa: E402
 from fedsplit.deploy.federation import Deployment, RunResult  # noqa: E402
@@ -181,9 +196,14 @@ def check_environment() -> str | None:
     return None
 
 
-def row_of(name: str, setting: Setting, res: RunResult) -> dict[str, Any]:
+def row_of(name: str, setting: Setting, res: RunResult,
+           target: float = 0.0) -> dict[str, Any]:
     rows = res.rows
+    rounds_to, seconds_to = time_to_accuracy(rows, target) if target else (None, None)
     return {
+        "target_accuracy": target or None,
+        "rounds_to_target": rounds_to,
+        "seconds_to_target": seconds_to,
         "setting": name,
         "codec_up": setting.up,
         "codec_down": setting.down,
@@ -200,6 +220,8 @@ def row_of(name: str, setting: Setting, res: RunResult) -> dict[str, Any]:
         "sync_bytes_down": sum(r["sync_bytes_down"] for r in rows),
         "flower_bytes": res.flwr_traffic_bytes,
         "accuracy": res.accuracy,
+        "accuracies": [r.get("accuracy") for r in rows],
+        "round_seconds_each": [r["seconds"] for r in rows],
         "clients_per_round": statistics.mean(r["clients"] for r in rows),
         "client_seconds_per_batch": rows[-1].get("client_seconds_per_batch"),
         "run_seconds": res.seconds,
@@ -234,6 +256,7 @@ def format_table(results: list[dict[str, Any]], link: LinkSpec, mode: str) -> st
             f"{_ratio(base['cut_bytes'], r['cut_bytes'])} | "
             f"{_ratio(base['sync_bytes'], r['sync_bytes'])} | "
             f"{base['round_seconds'] / r['round_seconds']:.2f}x |")
+    lines += tta_lines(results, base)
     best = max(results, key=lambda r: base["round_seconds"] / r["round_seconds"])
     lines += ["", f"round-time ratio uncompressed/compressed, best setting "
               f"({best['setting']}): {base['round_seconds'] / best['round_seconds']:.2f}x "
@@ -244,6 +267,28 @@ def format_table(results: list[dict[str, Any]], link: LinkSpec, mode: str) -> st
         lines.append(f"- {r['setting']}: up `{r['codec_up']}`, down `{r['codec_down']}`"
                      + (f", overrides `{extra}`" if extra else ""))
     return "\n".join(lines)
+
+
+def tta_lines(results: list[dict[str, Any]], base: dict[str, Any]) -> list[str]:
+    """Time to the target accuracy per setting, and each setting's speed-up over ``base``
+    (the uncompressed one); nothing when no target was set."""
+    target = base.get("target_accuracy")
+    if not target:
+        return []
+    lines = ["", f"| setting | rounds to {100 * target:g}% | seconds to {100 * target:g}% | "
+             "best accuracy | time-to-accuracy ratio (uncompressed / this) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in results:
+        seen = [a for a in r.get("accuracies", []) if a is not None]
+        best = f"{100 * max(seen):.2f}%" if seen else "-"
+        if r["seconds_to_target"] is None:
+            lines.append(f"| {r['setting']} | not reached in {r['rounds']} | - | {best} | - |")
+            continue
+        ratio = (f"{base['seconds_to_target'] / r['seconds_to_target']:.2f}x"
+                 if base["seconds_to_target"] else "-")
+        lines.append(f"| {r['setting']} | {r['rounds_to_target']} | "
+                     f"{r['seconds_to_target']:.1f} | {best} | {ratio} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="NAME=UP|DOWN[|KEY=VALUE;KEY=VALUE...]: codec specs and "
                              "optional config overrides of this setting (repeatable; "
                              "default: a built-in set from uncompressed to 2-bit)")
+    parser.add_argument("--target-accuracy", type=float, default=0.0,
+                        help="report each setting's time to this test accuracy (e.g. 0.84; "
+                             "evaluates every round); 0: off")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
     parser.add_argument("--keep", action="store_true", help="keep the deployment folder")
     parser.add_argument("--out", default="",
@@ -283,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": args.config, "train.rounds": args.rounds,
         "train.local-epochs": args.local_epochs, "train.batch-size": args.batch_size,
         "model.cut": args.cut}
+    if args.target_accuracy:  # every round's accuracy: the time to the target is sharp
+        overrides["eval.every"] = 1
     for item in args.overrides:
         key, value = parse_override_item(item, "override")
         overrides[key] = value
@@ -347,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                                    f"{'y' if failures == 1 else 'ies'} failed (see "
                                    f"`aggregate_train` in {res.log} and the SuperNode "
                                    f"logs in {res.log.parent})")
-            results.append(row_of(name, st, res))
+            results.append(row_of(name, st, res, args.target_accuracy))
             print(f"  {name}: round {results[-1]['round_seconds']:.1f}s, split-channel "
                   f"{results[-1]['cut_bytes']:,} bytes, sync {results[-1]['sync_bytes']:,} "
                   f"bytes ({time.monotonic() - t0:.0f}s)", flush=True)

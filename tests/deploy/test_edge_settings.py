@@ -62,3 +62,36 @@ def test_tool_env_uses_small_flower_chunks_unless_set(monkeypatch):
     assert procs.tool_env()[procs.CHUNK_ENV] == str(1 << 20)
     monkeypatch.setenv(procs.CHUNK_ENV, "4096")
     assert procs.tool_env()[procs.CHUNK_ENV] == "4096"
+
+
+def _result(name: str, seconds: list[float], accuracies: list[float | None]):
+    from types import SimpleNamespace
+
+    from experiments.edge_network import Setting, row_of
+
+    rows = [{"round": i + 1, "seconds": s, "accuracy": a, "train_seconds": s,
+             "cut_bytes_up": 1, "cut_bytes_down": 1, "sync_bytes_up": 1, "sync_bytes_down": 1,
+             "clients": 1} for i, (s, a) in enumerate(zip(seconds, accuracies))]
+    res = SimpleNamespace(rows=rows, status="finished:completed", flwr_traffic_bytes=None,
+                          accuracy=accuracies[-1], seconds=sum(seconds))
+    return row_of(name, Setting("identity", "identity", {}), res, target=0.84)
+
+
+def test_time_to_accuracy_counts_the_rounds_until_the_target_and_compares_settings():
+    from experiments.common import time_to_accuracy
+    from experiments.edge_network import format_table
+    from fedsplit.deploy.netns import LinkSpec
+
+    rows = [{"round": 1, "seconds": 10.0, "accuracy": 0.5},
+            {"round": 2, "seconds": 12.0, "accuracy": None},  # not evaluated: cannot count
+            {"round": 3, "seconds": 11.0, "accuracy": 0.85},
+            {"round": 4, "seconds": 9.0, "accuracy": 0.9}]
+    assert time_to_accuracy(rows, 0.84) == (3, 33.0)
+    assert time_to_accuracy(rows, 0.95) == (None, None)
+    slow = _result("uncompressed", [100.0, 100.0, 100.0], [0.6, 0.85, 0.86])
+    fast = _result("best", [20.0, 20.0, 20.0], [0.7, 0.8, 0.845])
+    never = _result("lossy", [10.0, 10.0, 10.0], [0.5, 0.6, 0.7])
+    table = format_table([slow, fast, never], LinkSpec(10.0, 40.0), "netem")
+    assert "| uncompressed | 2 | 200.0 | 86.00% | 1.00x |" in table
+    assert "| best | 3 | 60.0 | 84.50% | 3.33x |" in table
+    assert "| lossy | not reached in 3 | - | 70.00% | - |" in table
