@@ -42,6 +42,12 @@ ROWS: dict[str, list[str]] = {
     "split": ["strategy.name=sflv1"],  # plain split: the server receives the labels (text)
     "u-shaped-q8": [f"codec.up=[{Q8}]", f"codec.down=[{Q8}]"],
     "u-shaped-kltec": ["codec.up=[{name: klt-ec, bits: 2}]", f"codec.down=[{Q8}]"],
+    # The gap to centralized at equal samples is FedAvg's: 5 clients x 24 local steps
+    # averaged make fewer sequential steps than 120. A shared server middle (SFLV2-style:
+    # one copy trained on every client's batches in turn) takes all 120 steps; only the
+    # client's front and tail adapters are averaged.
+    "u-shaped-shared": ["strategy.options={back-cut: 28, server-segments: shared}"],
+    "u-shaped-ffa": ["lora.freeze-a=true"],  # FFA-LoRA: averaging B = averaging B A
 }
 CENTRALIZED = "centralized"
 
