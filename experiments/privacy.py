@@ -12,7 +12,8 @@ global model with the same code whatever the defense (``fedsplit.privacy.attacks
 * images: white-box reconstruction (TV prior) and a learned inverse network trained on
   ``--aux-batches`` test batches (a split no client uses), SSIM/PSNR of ``--victims``
   training images (client data);
-* text: white-box token recovery (relaxed one-hot), special tokens not counted;
+* text: white-box token recovery (relaxed one-hot) and a learned inversion (a per-position
+  classifier trained on ``--aux-batches`` test batches), special tokens not counted;
 * DP-SGD rows (``dpsgd-*``) clip each sample's gradient of the client segment to
   ``--sgd-clip`` and add noise (image models with GroupNorm; ``none-gn`` is their
   undefended baseline);
@@ -119,7 +120,8 @@ class Data:
             return list(task.loader(task.encode(rows), size, shuffle=False))
 
         self.victims = batches(train, 1, victims)[0]
-        self.aux = [b["x"] for b in batches(test, aux_batches, 64)] if "x" in self.victims else []
+        aux = batches(test, aux_batches, 64)  # the attacker's own samples: the test split
+        self.aux = [b["x"] for b in aux] if "x" in self.victims else aux
         self.label_batches = batches(train, 10, 32)
 
 
@@ -145,7 +147,8 @@ def attack_row(run_dir: Path, cut: int, kind: str, data: Data, args: Any) -> dic
         tok = data.task.tokenizer
         ignore = set(tok.all_special_ids) if tok is not None else set()
         out.update(attack_tokens(layout, cut, data.victims, cfg, steps=args.attack_steps,
-                                 ignore=ignore))
+                                 ignore=ignore, aux=data.aux,
+                                 inversion_epochs=args.inversion_epochs))
     classes = cfg.model.num_labels
     out.update(attack_labels(layout, cut, layout.hi, data.label_batches,
                              data.task.objective, classes, cfg))
@@ -167,10 +170,11 @@ def epsilon_cell(eps: list[float], entry: dict) -> str:
 
 
 def table(stored: dict, attacks: dict, names: list[str], kind: str, header: str) -> list[str]:
-    cols = ("SSIM | PSNR | inv. SSIM | inv. PSNR" if kind == "image" else "token recovery")
+    cols = ("SSIM | PSNR | inv. SSIM | inv. PSNR" if kind == "image"
+            else "token recovery | inv. token recovery")
     lines = [header, "", f"| row | cut | clip | accuracy | epsilon (δ=1e-5) | cut bytes up / "
              f"sample | {cols} | label AUC (direction) | label acc. |",
-             "|---|---:|---:|---:|---:|---:|" + "---:|" * (4 if kind == "image" else 1)
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * (4 if kind == "image" else 2)
              + "---:|---:|"]
     for name in names:
         if name not in stored or name not in attacks:
@@ -183,7 +187,9 @@ def table(stored: dict, attacks: dict, names: list[str], kind: str, header: str)
             scores = (f"{a['ssim']:.3f} | {a['psnr']:.1f} | {a['inv_ssim']:.3f} | "
                       f"{a['inv_psnr']:.1f}")
         else:
-            scores = f"{100 * a['token_recovery']:.1f}%"
+            inv = a.get("inv_token_recovery")
+            scores = (f"{100 * a['token_recovery']:.1f}% | "
+                      + ("-" if inv is None else f"{100 * inv:.1f}%"))
         lines.append(f"| {name.rsplit('-cut', 1)[0]} | {a['cut']} | {cell(a.get('clip'), '.3g')}"
                      f" | {100 * final_accuracy(rounds):.2f}% | "
                      f"{epsilon_cell(eps, stored[name])} | {up:,.0f} | {scores} | "

@@ -10,20 +10,20 @@ through the configured ``codec.up`` (codecs as implicit defenses).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedsplit.codecs import CodecContext, build_codec
-from fedsplit.privacy.attacks.inversion import train_inversion
+from fedsplit.privacy.attacks.inversion import Observe, train_inversion, train_token_inversion
 from fedsplit.privacy.attacks.labels import label_inference, ushaped_gradients
 from fedsplit.privacy.attacks.scores import psnr, ssim, token_recovery
 from fedsplit.privacy.attacks.whitebox import reconstruct_images, reconstruct_tokens
 from fedsplit.privacy.mechanism import ActivationDP
+from fedsplit.pruning import token_embedding
 
-Observe = Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 
 
 def trained_layout(cfg: Any, run_dir: str | Path | None = None, pretrained: bool = True) -> Any:
@@ -121,17 +121,30 @@ def attack_images(layout: Any, cut: int, victims: torch.Tensor, aux: Sequence[to
 
 
 def attack_tokens(layout: Any, cut: int, batch: Mapping[str, torch.Tensor], cfg: Any, *,
-                  steps: int = 300, ignore: Iterable[int] = ()) -> dict[str, float]:
+                  steps: int = 300, ignore: Iterable[int] = (),
+                  aux: Sequence[Mapping[str, torch.Tensor]] = (),
+                  inversion_epochs: int = 20) -> dict[str, float]:
     """White-box token recovery at ``cut`` on a text ``batch`` (``input_ids``,
-    ``attention_mask``): the share of real tokens (not in ``ignore``) recovered exactly."""
+    ``attention_mask``): the share of real tokens (not in ``ignore``) recovered exactly;
+    with ``aux`` (the attacker's own text batches, a split no client uses) also the learned
+    inversion's (``inv_token_recovery``)."""
     segment = layout.split(cut).client
+    observe = observation(cfg)
     with torch.no_grad():
         cut_out = segment(dict(batch))
-    observed = observation(cfg)(cut_out.hidden, cut_out.side)  # (B, T, H)
+    observed = observe(cut_out.hidden, cut_out.side)  # (B, T, H)
     ids = reconstruct_tokens(segment, observed, cut_out.side, steps=steps,
                              clip=cfg.privacy.act_clip or None, seed=cfg.run.seed)
-    return {"token_recovery": token_recovery(ids, batch["input_ids"],
-                                             batch.get("attention_mask"), ignore)}
+    mask = batch.get("attention_mask")
+    out = {"token_recovery": token_recovery(ids, batch["input_ids"], mask, ignore)}
+    if aux:
+        vocab = token_embedding(segment)[1].num_embeddings
+        net = train_token_inversion(segment, aux, vocab, observe, epochs=inversion_epochs,
+                                    seed=cfg.run.seed)
+        with torch.no_grad():
+            guessed = net(observed).argmax(-1)  # (B, T)
+        out["inv_token_recovery"] = token_recovery(guessed, batch["input_ids"], mask, ignore)
+    return out
 
 
 def attack_labels(layout: Any, cut: int, back_cut: int,
