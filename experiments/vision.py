@@ -3,11 +3,15 @@
     python experiments/vision.py                                  # every row
     python experiments/vision.py --rows centralized sflv1-iid     # some rows
     python experiments/vision.py --rows                           # print the stored table
+    python experiments/vision.py --rows sflv1-iid sflv1-iid-q8 sflv1-iid-topk10 \
+        sflv1-iid-kltec2 --rounds 80 --out runs/vision-codecs     # codec rows, 5 epochs
 
 Every federated row runs ``configs/cifar10_resnet20.yaml`` (ResNet-20 cut after its first
 stage, 10 clients, one sampled per round, 160 rounds x 50 steps x 64 images = 512,000
 samples, about 10 epochs) and differs only in its overrides (``*-10per``: all 10 clients
-every round, 32 rounds x 25 steps each: the same samples in 10x fewer sequential steps); ``centralized`` trains the unsplit model on the same
+every round, 32 rounds x 25 steps each: the same samples in 10x fewer sequential steps;
+``*-q8``/``-topk10``/``-kltec2``: codecs on the cut activations, with the cut bytes ratio
+to ``sflv1-iid`` of the same table); ``centralized`` trains the unsplit model on the same
 number of samples with the same optimizer, schedule, batch size and augmentation
 (``experiments/centralized.py``). Cut-layer bytes are the split channel's exact frame
 counts, both directions, per trained sample; rounds per hour come from the rounds' wall
@@ -93,17 +97,21 @@ def main(argv: list[str] | None = None) -> int:
              "10,000 test images after the last round; cut bytes are exact split-channel "
              "frames, both directions.", "",
              "| row | rounds | samples | accuracy | Δ vs centralized (pts) | cut bytes / sample "
-             "| rounds / hour |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| cut bytes ratio (sflv1-iid / row) | rounds / hour |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     if central and central["rows"]:
         last = central["rows"][-1]
         lines.append(f"| centralized | - | {central['samples']:,} | {100 * last['accuracy']:.2f}% "
-                     f"| 0.00 | 0 | - |")
+                     f"| 0.00 | 0 | - | - |")
+    plain = summarize(mine["sflv1-iid"]["rounds"])["cut_per_sample"] if "sflv1-iid" in mine \
+        else None  # the uncompressed split: the codec rows' reference
     for name, entry in mine.items():
         s = summarize(entry["rounds"])
         delta = f"{100 * (s['accuracy'] - base):+.2f}" if base is not None else "-"
+        ratio = f"{plain / s['cut_per_sample']:.1f}x" if plain and s["cut_per_sample"] else "-"
         lines.append(f"| {name} | {s['rounds']} | {int(s['examples']):,} | "
                      f"{100 * s['accuracy']:.2f}% | {delta} | {s['cut_per_sample']:,.0f} | "
-                     f"{s['rounds_per_hour']:.1f} |")
+                     f"{ratio} | {s['rounds_per_hour']:.1f} |")
     table = "\n".join(lines)
     (out / "vision.md").write_text(table + "\n")
     print(table)
