@@ -62,7 +62,7 @@ from fedsplit.split.layout import ClientPlan, ModelLayout
 from fedsplit.sync import compressed_updates
 from fedsplit.tasks import build_task, evaluate
 from strategies import STRATEGIES, StrategyError
-from strategies.directory import ClientDirectory
+from strategies.directory import ClientDirectory, natural_order
 from strategies.rounds import (
     ChannelAccess,
     ReplyTally,
@@ -175,7 +175,11 @@ class SplitFedAvg(FedAvg):
         """Which nodes train this round (default: a uniform sample of ``train.fraction``).
 
         The sample is drawn over client keys with a generator seeded by (run seed, round),
-        so it is the same in a resumed run and does not depend on random node ids.
+        so it is the same in a resumed run and does not depend on random node ids. It is
+        returned in natural key order (``partition-2`` before ``partition-10``): the order
+        in which Flower's simulation engine delivers messages (by partition id), so the
+        replies arrive in the order they are folded in (:func:`~fedsplit.server.grid.
+        in_sent_order`) and the server does not hold early replies waiting for late ones.
         """
         self.discover(grid)
         online = set(grid.get_node_ids())  # once: each call asks Flower's link state
@@ -183,7 +187,7 @@ class SplitFedAvg(FedAvg):
         size = max(int(len(by_key) * self.fraction_train), self.min_train_nodes)
         size = min(size, len(by_key))
         rng = random.Random(f"{self.cfg.run.seed}-{server_round}")
-        return [by_key[k] for k in sorted(rng.sample(sorted(by_key), size))]
+        return [by_key[k] for k in sorted(rng.sample(sorted(by_key), size), key=natural_order)]
 
     def begin_round(self, server_round: int, node_ids: list[int]) -> None:
         """After sampling, before any plan: per-round decisions over all sampled clients

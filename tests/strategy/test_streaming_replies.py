@@ -82,3 +82,15 @@ def test_replies_are_folded_as_they_arrive(tmp_path, flower_identity, monkeypatc
     # Each update was folded right after the pull that brought its reply (the first pulls
     # are the nodes' answers to who they are): one reply in hand at a time, not three.
     assert len(seen) == 3 and [s - seen[0] for s in seen] == [0, 1, 2]
+
+
+def test_clients_are_sent_in_the_order_the_simulation_delivers_them(tmp_path, flower_identity):
+    """Flower's simulation engine delivers messages by partition id; the sample is sent in
+    natural key order (partition-2 before partition-10), so with one client actor the
+    replies arrive in the order they are folded in and none waits in the server."""
+    grid = InlineGrid(12)
+    serve_on(grid, tmp_path, "order")
+    sent = [m.metadata.dst_node_id for m in grid.delivered
+            if m.metadata.message_type == "train"]
+    partitions = [grid.nodes[n]["partition-id"] for n in sent]
+    assert len(partitions) == 12 and partitions == sorted(partitions)
