@@ -8,7 +8,8 @@ one ``.txt`` file of the Amazon reviews of one domain (``../shared/data/amazon/<
 train.tsv``, one review per paragraph), the test file another ``.txt`` file of that
 domain's test reviews; ``data.block-size`` tokens per block, no prompt/target columns.
 The run is shortened (``--rounds`` x ``--steps`` local steps) and evaluated after every
-round, so the table shows the test perplexity per round. Writes the corpus under
+round, so the table shows the test perplexity per round, after the pre-trained model's
+(round 0, evaluated centrally on the same blocks). Writes the corpus under
 ``<out>/corpus`` and the table to ``<out>/llm_txt.md``.
 """
 
@@ -16,12 +17,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments.centralized import evaluate_full  # noqa: E402
+from fedsplit.config import load_config  # noqa: E402
 from fedsplit.metrics import read_metrics  # noqa: E402
+from fedsplit.models import build_model  # noqa: E402
+from fedsplit.prepare import prepare_run  # noqa: E402
 from fedsplit.simulate import simulate  # noqa: E402
 
 CONFIG = "configs/e2e_smollm2_lora.yaml"
@@ -42,6 +48,20 @@ def write_corpus(domain: str, out: Path, test_reviews: int) -> tuple[Path, Path]
     return paths[0], paths[1]
 
 
+def initial_metrics(overrides: list[str], out: Path) -> dict[str, float]:
+    """Test loss and perplexity of the pre-trained model before any round (its LoRA
+    adapters start at B = 0: the base model), on the run's test blocks; cached in
+    ``out/initial.json``."""
+    path = out / "initial.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    cfg, task, _, test_set = prepare_run(load_config(CONFIG, overrides))
+    loader = task.loader(task.encode(test_set), cfg.eval.batch_size, shuffle=False)
+    result = evaluate_full(build_model(cfg.model, pretrained=True), loader, task.objective)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-reviews", type=int, default=300)
     parser.add_argument("--test-blocks", type=int, default=200)
     parser.add_argument("--out", default="runs/llm-txt")
+    parser.add_argument("--table", action="store_true",
+                        help="train nothing: the table of the finished run in --out")
     parser.add_argument("overrides", nargs="*", help="more section.key=value overrides")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -64,14 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         f"train.rounds={args.rounds}", f"train.local-steps={args.steps}", "eval.every=1",
         "eval.generate=0", "run.progress=false", f"run.output-dir={out}",
         f"run.name={args.domain}", *args.overrides]
-    run_dir = simulate(CONFIG, overrides, clients=args.clients)
+    run_dir = out / args.domain
+    if not args.table:
+        run_dir = simulate(CONFIG, overrides, clients=args.clients)
     rows = [r for r in read_metrics(run_dir) if r.get("perplexity") is not None]
+    start = initial_metrics(overrides, out)
     lines = [f"`{CONFIG}` with only the data changed: Amazon `{args.domain}` reviews as "
              f"`.txt` files, blocks of {args.block_size} tokens; {args.clients} clients, "
              f"{args.rounds} rounds x {args.steps} local steps; test perplexity on "
              f"{args.test_blocks} blocks of the test file.", "",
              "| round | samples (blocks) | test loss | test perplexity |",
-             "|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|",
+             f"| 0 (pre-trained) | 0 | {start['loss']:.4f} | {start['perplexity']:.3f} |"]
     for r in rows:
         lines.append(f"| {r['round']} | {int(r.get('examples') or 0):,} | {r['loss']:.4f} | "
                      f"{r['perplexity']:.3f} |")
