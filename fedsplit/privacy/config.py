@@ -26,6 +26,10 @@ def config_problems(v: Mapping[str, Any]) -> list[str]:
     if sgd_clip > 0 and importlib.util.find_spec("opacus") is None:
         problems.append("`privacy.sgd-clip`: DP-SGD computes per-sample gradients with Opacus, "
                         "which is not installed; pip install -e \".[privacy]\" (opacus==1.6.0)")
+    if sgd_clip > 0 and v.get("quant.qat", False):
+        problems.append("`quant.qat` with `privacy.sgd-clip`: the fake-quantized layers keep "
+                        "range statistics (buffers), for which Opacus has no per-sample "
+                        "gradients; use one of the two (quant.qat=false or privacy.sgd-clip=0)")
     if sgd_clip > 0 and v.get("privacy.nopeek", 0.0) > 0:
         problems.append("`privacy.nopeek` with `privacy.sgd-clip`: NoPeek's loss couples the "
                         "samples of a batch, so no sample has its own gradient to clip; use "

@@ -115,7 +115,14 @@ class SegmentDPSGD:
             raise PrivacyConfigError("DP-SGD (privacy.sgd-noise): this client segment has no "
                                      "trainable parameter; turn privacy.sgd-noise off")
         # Hooks go on the segment's own layers: the modes keep calling `segment(batch)`.
-        self.hooks = GradSampleModule(segment, loss_reduction="mean", strict=False)
+        try:
+            self.hooks = GradSampleModule(segment, loss_reduction="mean", strict=False)
+        except NotImplementedError as exc:  # a trainable layer Opacus cannot hook
+            raise PrivacyConfigError(
+                f"DP-SGD (privacy.sgd-noise): Opacus cannot compute per-sample gradients "
+                f"for a layer of this client segment ({exc}); freeze it with "
+                "train.trainable, use a model without it, or turn privacy.sgd-noise off"
+            ) from None
         self.steps = 0
         # nn.Embedding(padding_idx=...) never trains its padding row; Opacus's embedding
         # sampler fills it anyway (rows of padded positions): zeroed before clipping.

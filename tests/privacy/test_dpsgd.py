@@ -211,7 +211,26 @@ def test_epsilon_of_dpsgd_alone_and_composed_with_activation_dp():
 @pytest.mark.parametrize("overrides,needle", [
     ({"privacy.sgd-noise": 1.0}, "privacy.sgd-clip > 0"),
     ({"privacy.sgd-clip": 1.0, "privacy.nopeek": 1.0}, "NoPeek"),
+    ({"privacy.sgd-clip": 1.0, "quant.qat": True}, "quant.qat"),
 ])
 def test_bad_dpsgd_settings_are_named(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(overrides=overrides)
+
+
+class Buffered(nn.Module):
+    """A trainable layer with a buffer: Opacus has no per-sample gradient for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))
+        self.register_buffer("seen", torch.zeros(1))
+
+    def forward(self, batch: dict) -> SimpleNamespace:
+        return SimpleNamespace(hidden=batch["x"] * self.w)
+
+
+def test_a_layer_opacus_cannot_hook_is_named_with_the_fix():
+    segment = Buffered()
+    with pytest.raises(PrivacyConfigError, match="train.trainable"):
+        SegmentDPSGD(segment, torch.optim.SGD(segment.parameters(), lr=0.1), 1.0, 1.0, 4)
