@@ -219,9 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     data = Data(config, args.overrides, args.victims, args.aux_batches)
     rows: dict[str, list[str]] = {}
     clips: dict[str, float] = {}
+    norms: dict[tuple[int, bool], float] = {}
     for cut in cuts:
-        clip = args.clip or median_norm(config, [*args.overrides, *data.prepared], cut,
-                                        data.victims)
         for row in args.rows:
             if row in NOPEEK and kind == "text":
                 print(f"[privacy] {row}: NoPeek needs image/array inputs; skipped for text")
@@ -229,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
             if row in GROUP_NORM and kind != "image":
                 print(f"[privacy] {row}: the GroupNorm baseline is for image models; skipped")
                 continue
+            # The clip of the activation-DP rows: the median activation norm of the row's
+            # own initial model (GroupNorm for the image rows with DP-SGD).
+            group = kind == "image" and (row in DPSGD or row in GROUP_NORM)
+            if (cut, group) not in norms:
+                norms[cut, group] = args.clip or median_norm(
+                    config, [*args.overrides, *data.prepared,
+                             *(["model.norm=group"] if group else [])], cut, data.victims)
+            clip = norms[cut, group]
             name = f"{row}-cut{cut}"
             rows[name] = row_overrides(row, cut, clip, kind, args.sgd_clip)
             clips[name] = clip if row in NOISE or row.endswith("-dp-n1") else None
