@@ -37,6 +37,7 @@ from fedsplit.channel import wire
 from fedsplit.channel.wire import Kind, WireError
 from fedsplit.modes import MODES, BadStepError
 from fedsplit.split.base import SplitError
+from fedsplit.split.decoding import SegmentStage, next_token_ids
 
 SERVICE_METHOD = "Generate"
 
@@ -65,8 +66,6 @@ class ServerStage:
     """The server's stage of one client's generation (kept in its channel session)."""
 
     def __init__(self, trainer: Any, sess: Any) -> None:
-        from fedsplit.split.decoding import SegmentStage
-
         mode = MODES.get(sess.mode)
         module = mode.server_module(trainer.layout, trainer.route(sess.client).plan)
         if module is None:
@@ -80,8 +79,6 @@ class ServerStage:
 
     @torch.no_grad()
     def run(self, op: Op, hidden: torch.Tensor, side: dict[str, torch.Tensor]) -> torch.Tensor:
-        from fedsplit.split.decoding import next_token_ids
-
         was = self.module.training
         self.module.eval()  # no dropout; the training loop sets train() per step itself
         try:

@@ -75,8 +75,7 @@ class ActivationDP:
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
         if gen is None:  # one stream per device, each seeded from the secret seed
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self._seed + len(self._generators))
+            gen = secret_generator(device, self._seed + len(self._generators))
             self._generators[device] = gen
         return gen
 
