@@ -20,6 +20,7 @@ from fedsplit.privacy.attacks import (
     token_recovery,
     trained_layout,
 )
+from fedsplit.privacy.attacks.harness import stack_padded
 from fedsplit.server import checkpoint
 from fedsplit.split.layout import ModelLayout
 from fedsplit.tasks import ClassificationObjective
@@ -142,6 +143,24 @@ def test_label_inference_beats_chance_on_a_tiny_u_shaped_model():
     assert got["direction_auc"] > 0.9
     assert got["direction_accuracy"] > 3 * got["chance_accuracy"]
     assert got["norm_auc"] > 0.55
+
+
+def test_label_inference_on_text_batches_of_different_lengths():
+    """Each text batch is padded to its own longest sentence, so the gradients the server
+    receives differ in length from batch to batch; the attack scores them together."""
+    layout = tiny_bert_layout()
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for length in (10, 9, 12, 10, 8, 11):
+        ids = torch.randint(3, 200, (16, length), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                        "token_type_ids": torch.zeros_like(ids),
+                        "labels": torch.randint(0, 2, (16,), generator=g)})
+    got = attack_labels(layout, 1, layout.hi, batches, ClassificationObjective(2), 2,
+                        load_config())
+    assert got["direction_auc"] > 0.9
+    flat = stack_padded([torch.ones(2, 3, 4), torch.ones(1, 2, 4)])
+    assert flat.shape == (3, 12) and flat[2, 8:].eq(0).all() and flat[2, :8].eq(1).all()
 
 
 def test_the_same_harness_attacks_a_trained_run(tmp_path):

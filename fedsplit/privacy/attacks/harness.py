@@ -176,5 +176,15 @@ def attack_labels(layout: Any, cut: int, back_cut: int,
         g = ushaped_gradients(front, middle, tail, sent, objective, observe)  # (B, ...)
         grads.append(through(g, batch) if through is not None else g)
         labels.append(objective.targets(batch))
-    return label_inference(torch.cat(grads), torch.cat(labels), classes, known=known,
+    return label_inference(stack_padded(grads), torch.cat(labels), classes, known=known,
                            seed=cfg.run.seed)
+
+
+def stack_padded(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Batches of per-sample gradients as one ``(N, D)`` tensor: each sample flattened,
+    zero-padded at the end to the widest batch. Text batches are padded to their own
+    longest sequence, so their ``(B, T, H)`` gradients differ in ``T``; a padding position
+    the batch lacks carries no gradient, so zeros are its exact value."""
+    flat = [g.reshape(g.shape[0], -1) for g in grads]
+    width = max(f.shape[1] for f in flat)
+    return torch.cat([torch.nn.functional.pad(f, (0, width - f.shape[1])) for f in flat])
