@@ -84,12 +84,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedsplit.optim import run_progress, set_lr
 from fedsplit.runtime import module_device
 from fedsplit.split.hf import MASK_KEY
+from fedsplit.tensors import cat_padded
 
 
 class BatchingError(ValueError):
@@ -217,18 +217,12 @@ class StepBatcher:
         return group
 
 
-def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad dimension 1 of ``t`` to ``length`` (a mask pads with 0 = padding)."""
-    return F.pad(t, (0, 0) * (t.dim() - 2) + (0, length - int(t.shape[1])))
-
-
 def concatenate(group: list[StepRequest]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The group's activations and side tensors along the batch (padded text: to the
     longest sequence)."""
     if group[0].pad:
-        length = max(int(r.hidden.shape[1]) for r in group)
-        hidden = torch.cat([_pad_to(r.hidden, length) for r in group])  # (sum B, T, H)
-        side = {MASK_KEY: torch.cat([_pad_to(r.side[MASK_KEY], length) for r in group])}
+        hidden = cat_padded([r.hidden for r in group])  # (sum B, T, H)
+        side = {MASK_KEY: cat_padded([r.side[MASK_KEY] for r in group])}  # (sum B, T)
         return hidden, side
     return (torch.cat([r.hidden for r in group]),  # (sum B, ...)
             {k: torch.cat([r.side[k] for r in group]) for k in group[0].side})

@@ -22,6 +22,7 @@ from fedsplit.privacy.attacks.labels import label_inference, ushaped_gradients
 from fedsplit.privacy.attacks.scores import psnr, ssim, token_recovery
 from fedsplit.privacy.attacks.whitebox import reconstruct_images, reconstruct_tokens
 from fedsplit.privacy.mechanism import ActivationDP
+from fedsplit.tensors import cat_padded
 from fedsplit.pruning import token_embedding
 
 
@@ -185,6 +186,4 @@ def stack_padded(grads: list[torch.Tensor]) -> torch.Tensor:
     zero-padded at the end to the widest batch. Text batches are padded to their own
     longest sequence, so their ``(B, T, H)`` gradients differ in ``T``; a padding position
     the batch lacks carries no gradient, so zeros are its exact value."""
-    flat = [g.reshape(g.shape[0], -1) for g in grads]
-    width = max(f.shape[1] for f in flat)
-    return torch.cat([torch.nn.functional.pad(f, (0, width - f.shape[1])) for f in flat])
+    return cat_padded([g.reshape(g.shape[0], -1) for g in grads])
