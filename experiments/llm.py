@@ -38,24 +38,21 @@ COMMON = ["data.max-test-samples=600", "eval.generate=100", "eval.max-new-tokens
           "run.num-threads=1"]
 Q8 = "{name: quantize, bits: 8, scale: per-channel}"
 KLTEC = "codec.up=[{name: klt-ec, bits: 2}]"
-SHARED = "strategy.options={back-cut: 28, server-segments: shared}"
 ROWS: dict[str, list[str]] = {
-    "u-shaped": [],  # the config: text and labels stay on the client
-    "split": ["strategy.name=sflv1"],  # plain split: the server receives the labels (text)
+    # The config: text and labels stay on the client; one shared server middle (SFLV2-
+    # style: trained on every client's batches in turn); the client's front and tail
+    # adapters are averaged.
+    "u-shaped": [],
+    # A middle per client, averaged with the rest (the config's default before session 14):
+    # at equal samples 5 clients x 24 local steps averaged make fewer sequential steps than
+    # the 120 a shared middle (or centralized training) takes.
+    "u-shaped-replica": ["strategy.options={back-cut: 28, server-segments: replica}"],
+    # Plain split with one shared server segment (SFLV2): the server holds layers 3..30,
+    # the norm and the LM head, and receives the labels, i.e. the client's text.
+    "split": ["strategy.name=sflv2", "strategy.options={}"],
     "u-shaped-q8": [f"codec.up=[{Q8}]", f"codec.down=[{Q8}]"],
     "u-shaped-kltec": [KLTEC, f"codec.down=[{Q8}]"],
-    # The gap to centralized at equal samples is FedAvg's: 5 clients x 24 local steps
-    # averaged make fewer sequential steps than 120. A shared server middle (SFLV2-style:
-    # one copy trained on every client's batches in turn) takes all 120 steps; only the
-    # client's front and tail adapters are averaged.
-    "u-shaped-shared": [SHARED],
     "u-shaped-ffa": ["lora.freeze-a=true"],  # FFA-LoRA: averaging B = averaging B A
-    # The same comparisons against the shared middle: plain split with one shared server
-    # segment (SFLV2: the server holds layers cut..30, norm and head, and receives the
-    # labels), and the cut codecs.
-    "split-shared": ["strategy.name=sflv2", "strategy.options={}"],
-    "u-shaped-shared-q8": [SHARED, f"codec.up=[{Q8}]", f"codec.down=[{Q8}]"],
-    "u-shaped-shared-kltec": [SHARED, KLTEC, f"codec.down=[{Q8}]"],
 }
 CENTRALIZED = "centralized"
 
