@@ -210,12 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aux-batches", type=int, default=20)
     parser.add_argument("--attack-steps", type=int, default=500)
     parser.add_argument("--inversion-epochs", type=int, default=20)
+    parser.add_argument("--render", action="store_true",
+                        help="run and attack nothing: the table of every row stored in "
+                        "<out>/rows.json and attacked in <out>/attacks.json (e.g. rows from "
+                        "earlier sessions whose run folders are gone)")
     parser.set_defaults(config=None, out=None)
     args = parser.parse_args(argv)
     config, cuts, kind = TASKS[args.task]
     config = args.config or config
     cuts = args.cuts or list(cuts)
     out = Path(args.out or f"runs/privacy-{args.task}")
+    if args.render:
+        return render(out, config, kind, args)
     data = Data(config, args.overrides, args.victims, args.aux_batches)
     rows: dict[str, list[str]] = {}
     clips: dict[str, float] = {}
@@ -255,14 +261,37 @@ def main(argv: list[str] | None = None) -> int:
                          "run_mtime": (run_dir / "metrics.jsonl").stat().st_mtime}
         path.write_text(json.dumps(attacks, indent=1))
         print(f"[privacy] {name}: {result}", flush=True)
-    header = (f"{config}, {args.clients} clients, {args.rounds} rounds; attacks on the "
-              f"trained global model ({args.attack_steps} white-box steps"
-              + (f", inverse network {args.inversion_epochs} epochs on {args.aux_batches} "
-                 "test batches" if kind == "image" else "") + ").")
-    lines = table(stored, attacks, names, kind, header)
+    return write_table(out, table(stored, attacks, names, kind, header(config, kind, args)))
+
+
+def header(config: str, kind: str, args: Any) -> str:
+    return (f"{config}, {args.clients} clients, {args.rounds} rounds; attacks on the "
+            f"trained global model ({args.attack_steps} white-box steps"
+            + (f", inverse network {args.inversion_epochs} epochs on {args.aux_batches} "
+               "test batches" if kind == "image" else "") + ").")
+
+
+def write_table(out: Path, lines: list[str]) -> int:
     (out / "privacy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def render(out: Path, config: str, kind: str, args: Any) -> int:
+    """The table of every stored and attacked row, by cut, then in :data:`ROW_NAMES` order."""
+    paths = [out / "rows.json", out / "attacks.json"]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"--render: {', '.join(missing)} not found; run rows first (or copy "
+                         "the stored rows_privacy_*.json / attacks_privacy_*.json there).")
+    stored, attacks = (json.loads(p.read_text()) for p in paths)
+
+    def order(name: str) -> tuple[int, int]:
+        row, cut = name.rsplit("-cut", 1)
+        return int(cut), ROW_NAMES.index(row) if row in ROW_NAMES else len(ROW_NAMES)
+
+    names = sorted((n for n in stored if n in attacks and "-cut" in n), key=order)
+    return write_table(out, table(stored, attacks, names, kind, header(config, kind, args)))
 
 
 if __name__ == "__main__":

@@ -91,3 +91,22 @@ def test_a_row_whose_clients_all_failed_in_a_round_is_not_stored(tmp_path, monke
     with pytest.raises(SystemExit, match=r"'failed'.*\[2\] trained no samples"):
         common.run_rows(rows, ["failed"], "c.yaml", 2, 2, tmp_path, [])
     assert list(json.loads((tmp_path / "rows.json").read_text())) == ["ok"]
+
+
+def test_privacy_table_renders_stored_rows_without_their_run_folders(tmp_path, capsys):
+    from experiments import privacy
+
+    results = ROOT / "experiments" / "results"
+    (tmp_path / "rows.json").write_text((results / "rows_privacy_cifar10.json").read_text())
+    (tmp_path / "attacks.json").write_text(
+        (results / "attacks_privacy_cifar10.json").read_text())
+    argv = ["--task", "cifar10", "--clients", "10", "--rounds", "80", "--out", str(tmp_path)]
+    assert privacy.main([*argv, "--render"]) == 0
+    rows = [line for line in (tmp_path / "privacy.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| row")]
+    stored = json.loads((tmp_path / "attacks.json").read_text())
+    assert len(rows) == len(stored)
+    cuts = [int(line.split("|")[2]) for line in rows]
+    assert cuts == sorted(cuts)  # by cut, then in the benchmark's row order
+    with pytest.raises(SystemExit, match="not found"):
+        privacy.main([*argv[:-2], "--out", str(tmp_path / "empty"), "--render"])
