@@ -25,6 +25,7 @@ but not identical numbers; these are the ones the project reports.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -81,10 +82,25 @@ def bleu_rouge(hypotheses: Sequence[str],
     streams = [[refs[j] if j < len(refs) else None for refs in references]
                for j in range(width)]
     bleu = sacrebleu.corpus_bleu(list(hypotheses), streams).score
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    rouge = [scorer.score_multi(list(refs), hyp)["rougeL"].fmeasure
-             for hyp, refs in zip(hypotheses, references)]
+    with _root_logging_kept():
+        scorer = rouge_scorer.RougeScorer(["rougeL"])
+        rouge = [scorer.score_multi(list(refs), hyp)["rougeL"].fmeasure
+                 for hyp, refs in zip(hypotheses, references)]
     return {"bleu": float(bleu), "rouge-l": float(sum(rouge) / len(rouge))}
+
+
+@contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """Undo root-logger handlers added inside: rouge-score logs through ``logging.info``,
+    which calls ``logging.basicConfig()`` when the root logger has no handler, and that
+    root handler then printed every propagating record of other libraries (Flower's DEBUG
+    lines, each Flower line a second time) for the rest of the process."""
+    before = list(logging.root.handlers)
+    try:
+        yield
+    finally:
+        for handler in [h for h in logging.root.handlers if h not in before]:
+            logging.root.removeHandler(handler)
 
 
 @contextmanager

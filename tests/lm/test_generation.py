@@ -25,6 +25,25 @@ def test_perfect_match_is_100_bleu_and_1_rouge_l() -> None:
     assert scores["rouge-l"] == pytest.approx(1.0)
 
 
+def test_scoring_leaves_the_root_logger_without_handlers() -> None:
+    # rouge-score's logging.info() installed a root handler (basicConfig) that printed
+    # Flower's DEBUG records and every Flower line twice for the rest of the run.
+    import logging
+
+    kept = list(logging.root.handlers)  # pytest's own capture handlers
+    for handler in kept:
+        logging.root.removeHandler(handler)
+    try:
+        bleu_rouge(["the cat sat"], [["the cat sat on the mat"]])
+        added = list(logging.root.handlers)
+    finally:
+        for handler in list(logging.root.handlers):
+            logging.root.removeHandler(handler)
+        for handler in kept:
+            logging.root.addHandler(handler)
+    assert added == []
+
+
 def test_bleu_matches_sacrebleus_documented_example() -> None:
     # sacrebleu's README: corpus_score of these gives "BLEU = 48.53 82.4/50.0/45.5/37.5
     # (BP = 0.943 ratio = 0.944 hyp_len = 17 ref_len = 18)"; there the references are
