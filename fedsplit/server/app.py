@@ -95,6 +95,7 @@ def _serve(grid: Grid, cfg: DictConfig, build_strategy: StrategyFactory) -> RunW
             trainer.expect_like(probe.hidden, variable_length="attention_mask" in probe.side,
                                 cut=cut)
         layout.root.load_state_dict(untouched)
+    del untouched  # a whole copy of the model's weights (540 MB for SmolLM2-135M)
     writer = RunWriter(cfg, resume=cfg.run.resume)
     log.info("fedsplit run directory: %s", writer.dir)
     writer.write_classes(train_set, cfg.data.label_column)
