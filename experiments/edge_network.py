@@ -17,7 +17,8 @@ model sync (the Flower messages carry the ~59 MB fp32 client segment each way):
         --setting "rot-sign80+sync=$S|$S|$SYNC" \
         --out experiments/results/edge_network_minilm_2mbit.json train.local-steps=8
 
-Time to accuracy (``--target-accuracy``: every round is evaluated; a second table gives
+Time to accuracy (``--target-accuracy``: every round is evaluated, and a setting's run
+ends at the round that reaches the target unless ``--all-rounds``; a second table gives
 each setting's rounds and seconds to the target and the ratio uncompressed / setting),
 SST-2 + MiniLM, uncompressed against the best settings (entropy-coded transform-coded
 activations, norm-sampled sign gradients, compressed model sync)::
@@ -311,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-accuracy", type=float, default=0.0,
                         help="report each setting's time to this test accuracy (e.g. 0.84; "
                              "evaluates every round); 0: off")
+    parser.add_argument("--all-rounds", action="store_true",
+                        help="with --target-accuracy: run every round (default: a setting "
+                             "ends at the round that reaches the target, train.stop-at)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
     parser.add_argument("--keep", action="store_true", help="keep the deployment folder")
     parser.add_argument("--out", default="",
@@ -333,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         "model.cut": args.cut}
     if args.target_accuracy:  # every round's accuracy: the time to the target is sharp
         overrides["eval.every"] = 1
+        if not args.all_rounds:  # the rounds after the target add nothing to its time
+            overrides["train.stop-at"] = args.target_accuracy
     for item in args.overrides:
         key, value = parse_override_item(item, "override")
         overrides[key] = value

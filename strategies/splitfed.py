@@ -318,7 +318,8 @@ class SplitFedAvg(FedAvg):
         del evaluate_config
         return run_rounds(self, grid, initial_arrays, num_rounds, timeout,
                           train_config=train_config, evaluate_fn=evaluate_fn,
-                          start_round=start_round, on_round_end=on_round_end)
+                          start_round=start_round, on_round_end=on_round_end,
+                          stop_at=float(self.cfg.train.stop_at))
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs from the strategy (see fedsplit.server.checkpoint)."""

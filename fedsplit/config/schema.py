@@ -169,6 +169,10 @@ class TrainConfig:
                           choices=("constant", "linear"))
     momentum: float = _f(0.0, "SGD momentum.", lo=0.0, hi=1.0)
     weight_decay: float = _f(0.0, "Weight decay.", lo=0.0)
+    stop_at: float = _f(0.0, "End the run after the first round whose held-out accuracy (the "
+                        "server's evaluation) reaches this; 0 = run every round. For time-"
+                        "to-accuracy runs; set eval.every=1 so that no round skips the "
+                        "check. The lr schedule still spans train.rounds.", lo=0.0, hi=1.0)
     round_timeout: float = _f(3600.0, "Seconds the server waits for a round's replies; "
                               "tokens expire then.", lo=1.0)
     # which parameters train (fedsplit/trainable.py)

@@ -45,7 +45,8 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord,
                num_rounds: int, timeout: float, train_config: ConfigRecord | None = None,
                evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
                start_round: int = 1,
-               on_round_end: Callable[[int, ArrayRecord], None] | None = None) -> Result:
+               on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+               stop_at: float = 0.0) -> Result:
     """Run rounds ``start_round..num_rounds`` of ``strategy`` over ``grid``.
 
     Parameters
@@ -69,6 +70,9 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord,
         The first round to run (``> 1`` when resuming).
     on_round_end
         ``on_round_end(round, arrays)`` after each round's evaluation (checkpoints).
+    stop_at
+        End after the first round whose evaluation's ``accuracy`` reaches this (0: never
+        stop early; ``train.stop-at``).
 
     Returns
     -------
@@ -99,5 +103,16 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord,
                 result.evaluate_metrics_serverapp[server_round] = res
         if on_round_end is not None:
             on_round_end(server_round, arrays)
+        reached = _accuracy(result.evaluate_metrics_serverapp.get(server_round))
+        if stop_at and reached is not None and reached >= stop_at and server_round < num_rounds:
+            log(INFO, "accuracy %.4f reached train.stop-at=%g after round %d of %d: run ends",
+                reached, stop_at, server_round, num_rounds)
+            break
     result.arrays = arrays
     return result
+
+
+def _accuracy(metrics: MetricRecord | None) -> float | None:
+    """The evaluation's ``accuracy`` (``None`` when the round was not evaluated)."""
+    value = None if metrics is None else metrics.get("accuracy")
+    return None if value is None else float(value)
