@@ -128,7 +128,10 @@ def table(central: dict[str, Any] | None, mine: dict[str, dict[str, Any]],
         if not evaluated:
             continue
         sync = per_round(rounds, "sync_bytes")
-        ratio = f"{full / sync:,.0f}x" if full and sync else "-"
+        # The full fine-tuning line is the u-shaped client's (front and tail); a row with
+        # another strategy (plain split: the front only) is not compared with it.
+        other = any(o.startswith("strategy.name=") for o in entry["command_overrides"])
+        ratio = f"{full / sync:,.0f}x" if full and sync and not other else "-"
         examples = sum(r.get("examples") or 0 for r in rounds)
         train_s = sum(r["train_seconds"] for r in rounds) / len(rounds)
         lines.append(f"| {name} | {int(examples):,} | {_cells(evaluated[-1], base)} | "
