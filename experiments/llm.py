@@ -37,7 +37,7 @@ CONFIG = "configs/e2e_smollm2_lora.yaml"
 COMMON = ["data.max-test-samples=600", "eval.generate=100", "eval.max-new-tokens=48",
           "run.num-threads=1"]
 Q8 = "{name: quantize, bits: 8, scale: per-channel}"
-KLTEC = "codec.up=[{name: klt-ec, bits: 2}]"
+KLTEC = "{name: klt-ec, bits: 2}"
 ROWS: dict[str, list[str]] = {
     # The config: text and labels stay on the client; one shared server middle (SFLV2-
     # style: trained on every client's batches in turn); the client's front and tail
@@ -51,7 +51,7 @@ ROWS: dict[str, list[str]] = {
     # the norm and the LM head, and receives the labels, i.e. the client's text.
     "split": ["strategy.name=sflv2", "strategy.options={}"],
     "u-shaped-q8": [f"codec.up=[{Q8}]", f"codec.down=[{Q8}]"],
-    "u-shaped-kltec": [KLTEC, f"codec.down=[{Q8}]"],
+    "u-shaped-kltec": [f"codec.up=[{KLTEC}]", f"codec.down=[{Q8}]"],
     "u-shaped-ffa": ["lora.freeze-a=true"],  # FFA-LoRA: averaging B = averaging B A
 }
 CENTRALIZED = "centralized"

@@ -97,13 +97,12 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord,
             arrays = result.arrays = agg_arrays
         if agg_metrics is not None:
             result.train_metrics_clientapp[server_round] = agg_metrics
-        if evaluate_fn is not None:
-            res = evaluate_fn(server_round, arrays)
-            if res is not None:
-                result.evaluate_metrics_serverapp[server_round] = res
+        res = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
+        if res is not None:
+            result.evaluate_metrics_serverapp[server_round] = res
         if on_round_end is not None:
             on_round_end(server_round, arrays)
-        reached = _accuracy(result.evaluate_metrics_serverapp.get(server_round))
+        reached = None if res is None else res.get("accuracy")
         if stop_at and reached is not None and reached >= stop_at and server_round < num_rounds:
             log(INFO, "accuracy %.4f reached train.stop-at=%g after round %d of %d: run ends",
                 reached, stop_at, server_round, num_rounds)
@@ -111,8 +110,3 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord,
     result.arrays = arrays
     return result
 
-
-def _accuracy(metrics: MetricRecord | None) -> float | None:
-    """The evaluation's ``accuracy`` (``None`` when the round was not evaluated)."""
-    value = None if metrics is None else metrics.get("accuracy")
-    return None if value is None else float(value)

@@ -22,8 +22,8 @@ from fedsplit.privacy.attacks.labels import label_inference, ushaped_gradients
 from fedsplit.privacy.attacks.scores import psnr, ssim, token_recovery
 from fedsplit.privacy.attacks.whitebox import reconstruct_images, reconstruct_tokens
 from fedsplit.privacy.mechanism import ActivationDP
-from fedsplit.tensors import cat_padded
 from fedsplit.pruning import token_embedding
+from fedsplit.tensors import cat_padded
 
 
 
