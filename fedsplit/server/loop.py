@@ -109,4 +109,3 @@ def run_rounds(strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord,
             break
     result.arrays = arrays
     return result
-
