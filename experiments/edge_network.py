@@ -229,6 +229,15 @@ def row_of(name: str, setting: Setting, res: RunResult,
     }
 
 
+def _rounds(results: list[dict[str, Any]]) -> str:
+    """How many rounds ran: one figure, or each setting's (runs that stop at a target
+    accuracy end at different rounds)."""
+    counts = {r["rounds"] for r in results}
+    if len(counts) == 1:
+        return f"{counts.pop()} round(s)"
+    return "rounds: " + ", ".join(f"{r['setting']} {r['rounds']}" for r in results)
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.1f}x" if b else "-"
 
@@ -240,7 +249,7 @@ def format_table(results: list[dict[str, Any]], link: LinkSpec, mode: str) -> st
         return "no setting finished"
     base = next((r for r in results if r["setting"] == "uncompressed"), results[0])
     lines = [f"Emulated links: {link.rate_mbit:g} Mbit/s each way, {link.rtt_ms:g} ms RTT "
-             f"(shaping: {mode}); {results[0]['rounds']} round(s), "
+             f"(shaping: {mode}); {_rounds(results)}, "
              f"{results[0]['clients_per_round']:g} client(s) per round; seconds are "
              "per-round means, bytes run totals (both directions)",
              "",

@@ -95,3 +95,7 @@ def test_time_to_accuracy_counts_the_rounds_until_the_target_and_compares_settin
     assert "| uncompressed | 2 | 200.0 | 86.00% | 1.00x |" in table
     assert "| best | 3 | 60.0 | 84.50% | 3.33x |" in table
     assert "| lossy | not reached in 3 | - | 70.00% | - |" in table
+    assert "; 3 round(s)," in table
+    stopped = _result("uncompressed", [100.0, 100.0], [0.6, 0.85])
+    table = format_table([stopped, fast], LinkSpec(10.0, 40.0), "netem")
+    assert "; rounds: uncompressed 2, best 3," in table  # each stopped at its own round
