@@ -264,8 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     return write_table(out, table(stored, attacks, names, kind, header(config, kind, args)))
 
 
-def header(config: str, kind: str, args: Any) -> str:
-    return (f"{config}, {args.clients} clients, {args.rounds} rounds; attacks on the "
+def header(config: str, kind: str, args: Any, clients: Any = None, rounds: Any = None) -> str:
+    """The table's first line; ``clients`` / ``rounds`` (default: the command's) name what
+    the rendered rows actually ran."""
+    clients = args.clients if clients is None else clients
+    rounds = args.rounds if rounds is None else rounds
+    return (f"{config}, {clients} clients, {rounds} rounds; attacks on the "
             f"trained global model ({args.attack_steps} white-box steps"
             + (f", inverse network {args.inversion_epochs} epochs on {args.aux_batches} "
                "test batches" if kind == "image" else "") + ").")
@@ -291,7 +295,14 @@ def render(out: Path, config: str, kind: str, args: Any) -> int:
         return int(cut), ROW_NAMES.index(row) if row in ROW_NAMES else len(ROW_NAMES)
 
     names = sorted((n for n in stored if n in attacks and "-cut" in n), key=order)
-    return write_table(out, table(stored, attacks, names, kind, header(config, kind, args)))
+
+    def ran(values: set) -> str:  # rows stored by different commands may differ
+        return " / ".join(str(v) for v in sorted(values)) or "-"
+
+    clients = ran({stored[n].get("clients", args.clients) for n in names})
+    rounds = ran({len(stored[n]["rounds"]) for n in names})
+    return write_table(out, table(stored, attacks, names, kind,
+                                  header(config, kind, args, clients, rounds)))
 
 
 if __name__ == "__main__":

@@ -100,9 +100,11 @@ def test_privacy_table_renders_stored_rows_without_their_run_folders(tmp_path, c
     (tmp_path / "rows.json").write_text((results / "rows_privacy_cifar10.json").read_text())
     (tmp_path / "attacks.json").write_text(
         (results / "attacks_privacy_cifar10.json").read_text())
-    argv = ["--task", "cifar10", "--clients", "10", "--rounds", "80", "--out", str(tmp_path)]
+    argv = ["--task", "cifar10", "--out", str(tmp_path)]  # --clients / --rounds: defaults
     assert privacy.main([*argv, "--render"]) == 0
-    rows = [line for line in (tmp_path / "privacy.md").read_text().splitlines()
+    text = (tmp_path / "privacy.md").read_text()
+    assert ", 10 clients, 80 rounds;" in text.splitlines()[0]  # what the rows ran
+    rows = [line for line in text.splitlines()
             if line.startswith("| ") and not line.startswith("| row")]
     stored = json.loads((tmp_path / "attacks.json").read_text())
     assert len(rows) == len(stored)
