@@ -21,6 +21,34 @@ def test_distance_correlation_definition():
     assert 0.8 < noisy < 0.95
 
 
+def _dcor_by_differences(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The textbook form: distances from explicit pairwise differences, float64."""
+    def centered(z):
+        z = z.reshape(len(z), -1).double()
+        d = (z[:, None] - z[None, :]).pow(2).sum(-1).add(1e-12).sqrt()
+        d = d * (1 - torch.eye(len(z), dtype=z.dtype))
+        return d - d.mean(0, keepdim=True) - d.mean(1, keepdim=True) + d.mean()
+
+    a, b = centered(x), centered(y)
+    return ((a * b).mean() / ((a * a).mean() * (b * b).mean()).sqrt()).sqrt()
+
+
+def test_distance_correlation_matches_pairwise_differences_with_its_gradient():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(24, 3, 8, 8, generator=g)
+    h = (x.repeat(1, 4, 1, 1) * 30 + torch.randn(24, 12, 8, 8, generator=g)).requires_grad_()
+    h2 = h.detach().double().requires_grad_()
+    value = distance_correlation(x, h)
+    expected = _dcor_by_differences(x, h2)
+    assert float(value) == pytest.approx(float(expected), rel=1e-6)
+    (grad,) = torch.autograd.grad(value, h)
+    (want,) = torch.autograd.grad(expected, h2)
+    assert torch.allclose(grad.double(), want, rtol=1e-4, atol=1e-9)
+    twins = torch.cat([h[:4], h[:4]]).detach().requires_grad_()  # zero distances
+    (grad,) = torch.autograd.grad(distance_correlation(x[:8], twins), twins)
+    assert torch.isfinite(grad).all()
+
+
 def segment(cut: int = 1):
     cfg = load_config(overrides={"model.name": "cnn-digits", "model.cut": cut})
     return trained_layout(cfg).split(cut).client.train()
