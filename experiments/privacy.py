@@ -261,14 +261,12 @@ def main(argv: list[str] | None = None) -> int:
                          "run_mtime": (run_dir / "metrics.jsonl").stat().st_mtime}
         path.write_text(json.dumps(attacks, indent=1))
         print(f"[privacy] {name}: {result}", flush=True)
-    return write_table(out, table(stored, attacks, names, kind, header(config, kind, args)))
+    return write_table(out, table(stored, attacks, names, kind,
+                                  header(config, kind, args, args.clients, args.rounds)))
 
 
-def header(config: str, kind: str, args: Any, clients: Any = None, rounds: Any = None) -> str:
-    """The table's first line; ``clients`` / ``rounds`` (default: the command's) name what
-    the rendered rows actually ran."""
-    clients = args.clients if clients is None else clients
-    rounds = args.rounds if rounds is None else rounds
+def header(config: str, kind: str, args: Any, clients: Any, rounds: Any) -> str:
+    """The table's first line (``clients`` / ``rounds``: what the rows ran)."""
     return (f"{config}, {clients} clients, {rounds} rounds; attacks on the "
             f"trained global model ({args.attack_steps} white-box steps"
             + (f", inverse network {args.inversion_epochs} epochs on {args.aux_batches} "

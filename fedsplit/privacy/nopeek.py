@@ -4,7 +4,7 @@ The client adds ``alpha * DCor(x, h)`` to its loss, the distance correlation bet
 batch's inputs ``x`` (B, ...) and cut activations ``h`` (B, ...), so the activations keep
 what the task needs but less of the input's geometry. The term depends only on the
 client's own tensors, so it is added to the gradient flowing into ``h`` on the client
-(:class:`_NoPeekGrad`), whatever the mode does with ``h``: one forward hook on the client
+(:class:`_AddGrad`), whatever the mode does with ``h``: one forward hook on the client
 segment serves split, local-loss and u-shaped clients alike.
 
 It is a heuristic: it comes with no guarantee (no epsilon); the attacks measure it.
@@ -40,23 +40,19 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (dcov2.clamp_min(0) / (vx * vy).sqrt().clamp_min(1e-12)).sqrt().float()
 
 
-class _NoPeekGrad(torch.autograd.Function):
-    """Identity on ``h``; its backward adds ``alpha * dDCor(x, h) / dh``."""
+class _AddGrad(torch.autograd.Function):
+    """Identity on ``h``; its backward adds ``extra`` (the NoPeek term's gradient, computed
+    once in the forward hook together with the value the client reports)."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, inputs: torch.Tensor,
-                alpha: float) -> torch.Tensor:
-        ctx.save_for_backward(hidden.detach(), inputs.detach())
-        ctx.alpha = alpha
+    def forward(ctx: Any, hidden: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(extra)
         return hidden.view_as(hidden)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        hidden, inputs = ctx.saved_tensors
-        with torch.enable_grad():
-            h = hidden.requires_grad_(True)
-            (extra,) = torch.autograd.grad(distance_correlation(inputs, h), h)
-        return grad + ctx.alpha * extra.to(grad.dtype), None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (extra,) = ctx.saved_tensors
+        return grad + extra.to(grad.dtype), None
 
 
 class NoPeek:
@@ -91,9 +87,12 @@ class NoPeek:
             raise ValueError("privacy.nopeek needs float inputs in the batch's `x` (images or "
                              f"arrays); this batch has {sorted(batch)}. Set privacy.nopeek=0 "
                              "for text models.")
-        with torch.no_grad():
-            self.values.append(float(distance_correlation(x, output.hidden)))
-        output.hidden = _NoPeekGrad.apply(output.hidden, x, self.alpha)
+        with torch.enable_grad():  # value and gradient in one pass
+            h = output.hidden.detach().requires_grad_(True)
+            value = distance_correlation(x.detach(), h)
+            (grad,) = torch.autograd.grad(value, h)
+        self.values.append(float(value))
+        output.hidden = _AddGrad.apply(output.hidden, self.alpha * grad)
         return output
 
     def metrics(self) -> dict[str, float]:
