@@ -24,8 +24,8 @@ global model with the same code whatever the defense (``fedsplit.privacy.attacks
 The server observes the activations through the row's defense: DP (clipping + noise with
 a fresh seed; clip = the median per-sample activation norm of the initial model at that
 cut unless ``--clip``), or the row's codec; label-DP rows train on randomized-response
-labels (the label attack's gradients use them too, scored against the true labels); NoPeek rows train with the distance-correlation
-term (images only) and are observed as they are. Accuracy: the server's held-out evaluation
+labels (the label attack's gradients use them too, scored against the true labels); NoPeek
+rows train with the distance-correlation term and are observed as they are. Accuracy: the server's held-out evaluation
 after the last round (clean activations). Epsilon: the largest any client reported, at
 delta 1e-5. Stores ``<out>/rows.json`` (runs) and ``<out>/attacks.json``; writes
 ``<out>/privacy.md``.
@@ -62,7 +62,7 @@ TASKS = {  # config, default cuts (first, deeper), input kind
 NOISE = {"dp-n0.1": 0.1, "dp-n0.5": 0.5, "dp-n1": 1.0}  # noise multipliers of the DP rows
 CODECS = {"topk10-2bit": "{name: topk-mask, k: 0.1, bits: 2}",  # codecs as implicit defenses
           "topk2-2bit": "{name: topk-mask, k: 0.02, bits: 2}"}
-NOPEEK = {"nopeek-0.5": 0.5, "nopeek-2": 2.0}  # distance-correlation weights (images only)
+NOPEEK = {"nopeek-0.5": 0.5, "nopeek-2": 2.0}  # distance-correlation weights
 LABEL_DP = {"labeldp-e2": 2.0, "labeldp-e0.5": 0.5}  # randomized-response epsilons
 # DP-SGD on the client segment (per-sample gradients clipped to --sgd-clip): noise
 # multipliers, and one row with DP on the activations as well (both accounted together).
@@ -228,9 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     norms: dict[tuple[int, bool], float] = {}
     for cut in cuts:
         for row in args.rows:
-            if row in NOPEEK and kind == "text":
-                print(f"[privacy] {row}: NoPeek needs image/array inputs; skipped for text")
-                continue
             if row in GROUP_NORM and kind != "image":
                 print(f"[privacy] {row}: the GroupNorm baseline is for image models; skipped")
                 continue

@@ -98,8 +98,8 @@ class PrivacyConfig:
                           "the clipped gradients of each step; > 0 reports epsilon, composed "
                           "with act-noise (docs/privacy.md).", lo=0.0)
     nopeek: float = _f(0.0, "NoPeek: weight of the distance correlation between each batch's "
-                       "inputs and cut activations added to the client's loss (image/array "
-                       "inputs); a heuristic, no epsilon; 0 = off.", lo=0.0)
+                       "inputs (vectors; text: one-hot token sequences) and cut activations "
+                       "added to the client's loss; a heuristic, no epsilon; 0 = off.", lo=0.0)
     label_epsilon: float = _f(0.0, "Label DP: each training label is replaced once by "
                               "randomized response with this epsilon (classification); 0 = off.",
                               lo=0.0)

@@ -94,13 +94,83 @@ def test_training_with_nopeek_lowers_the_distance_correlation():
     assert len(seg._forward_hooks) == 1
 
 
-def test_nopeek_refuses_text_batches():
+def test_token_distances_are_those_of_one_hot_sequences():
+    from fedsplit.privacy.nopeek import squared_distances, token_distances
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 7, (6, 5), generator=g)
+    mask = (torch.arange(5)[None, :] < torch.tensor([5, 4, 2, 5, 3, 1])[:, None]).long()
+    padded = ids.masked_fill(mask == 0, 7)  # padding: an 8th token value
+    one_hot = torch.nn.functional.one_hot(padded, 8).float()  # (B, T, V)
+    assert torch.equal(token_distances(ids, mask), squared_distances(one_hot))
+    assert torch.equal(token_distances(ids), squared_distances(
+        torch.nn.functional.one_hot(ids, 7).float()))
+
+
+def text_segment(cut: int = 1):
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from fedsplit.split import split_model
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0))
+    return split_model(model, cut).client.train()
+
+
+def text_batch(size: int = 16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 50, (size, 12), generator=g)
+    lengths = torch.randint(4, 13, (size,), generator=g)
+    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+def test_text_batches_use_the_token_geometry():
+    """On text the hook adds alpha x the gradient of DCor(one-hot tokens, h)."""
+    from fedsplit.privacy.nopeek import dcor_of_distances, squared_distances, token_distances
+
+    seg, batch = text_segment(), text_batch()
+    nopeek = NoPeek(seg, alpha=0.5)
+    seg.zero_grad()
+    h = seg(batch).hidden
+    server_grad = torch.randn_like(h)
+    h.backward(server_grad)
+    got = [p.grad.clone() for p in seg.parameters() if p.grad is not None]
+    nopeek.remove()
+    seg.zero_grad()
+    h = seg(batch).hidden
+    term = dcor_of_distances(token_distances(batch["input_ids"], batch["attention_mask"]),
+                             squared_distances(h))
+    assert 0.0 < float(term) < 1.0
+    assert nopeek.values == [pytest.approx(float(term))]
+    ((h * server_grad).sum() + 0.5 * term).backward()
+    want = [p.grad for p in seg.parameters() if p.grad is not None]
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_training_with_nopeek_lowers_the_distance_correlation_on_text():
+    seg, batch = text_segment(), text_batch(32)
+    nopeek = NoPeek(seg, alpha=1.0)
+    opt = torch.optim.Adam(seg.parameters(), lr=1e-2)
+    for _ in range(30):
+        opt.zero_grad()
+        h = seg(batch).hidden
+        h.backward(torch.zeros_like(h))  # no task gradient: only NoPeek's term
+        opt.step()
+    assert nopeek.values[-1] < nopeek.values[0] - 0.1
+
+
+def test_nopeek_names_what_a_batch_without_inputs_lacks():
     from fedsplit.split.base import Cut
 
     seg = segment()
     nopeek = NoPeek(seg, 1.0)
-    with pytest.raises(ValueError, match="float inputs"):
-        nopeek._hook(seg, ({"input_ids": torch.zeros(2, 3, dtype=torch.int64)},),
+    with pytest.raises(ValueError, match="float `x`.*`input_ids`.*labels"):
+        nopeek._hook(seg, ({"labels": torch.zeros(2, dtype=torch.int64)},),
                      Cut(torch.zeros(2, 3, 4)))
 
 
