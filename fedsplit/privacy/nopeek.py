@@ -123,7 +123,7 @@ class NoPeek:
             h = output.hidden.detach().requires_grad_(True)
             value = dcor_of_distances(sq_x, squared_distances(h))
             (grad,) = torch.autograd.grad(value, h)
-        self.values.append(float(value))
+        self.values.append(float(value.detach()))
         output.hidden = _AddGrad.apply(output.hidden, self.alpha * grad)
         return output
 
