@@ -53,7 +53,6 @@ from fedsplit.deploy.commands import (
 )
 
 
-
 # --------------------------------------------------------------------------- results
 
 
@@ -353,29 +352,15 @@ class Deployment:
             self.processes[f"run-{run_name}"] = {"pid": proc.pid, "cmd": cmd,
                                                  "log": str(log_path)}
             self.save()
-            run_id = None
-            timed_out = False
+            started: list[str] = []  # the run id, once the CLI prints it
             try:
-                for line in procs.lines_until(proc, start + timeout):
-                    log.write(line)
-                    log.flush()
-                    if echo:
-                        print(line, end="", flush=True)
-                    m = re.search(r"Successfully started run (\d+)", line)
-                    if m:
-                        run_id = int(m.group(1))
-            except BaseException:
-                procs.kill_group(proc)
-                raise
-            else:
-                try:  # stdout closed: the CLI is exiting, or the deadline passed
-                    proc.wait(timeout=max(0.0, start + timeout - time.monotonic()) + 5.0)
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                    procs.kill_group(proc)
+                timed_out = procs.follow(
+                    proc, log, start + timeout, echo=echo, on_line=lambda line: started.extend(
+                        re.findall(r"Successfully started run (\d+)", line)))
             finally:
                 self.processes.pop(f"run-{run_name}", None)
                 self.save()
+        run_id = int(started[0]) if started else None
         seconds = time.monotonic() - start
         if run_id is None:
             raise DeployError(f"`flwr run` did not start a run (exit {proc.returncode}); see "

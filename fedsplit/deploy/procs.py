@@ -15,9 +15,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 MARKER_ENV = "FEDSPLIT_DEPLOY_ID"
 CHUNK_ENV = "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE"  # flwr.common.constant; default 5 MiB
@@ -200,3 +201,26 @@ def lines_until(proc: subprocess.Popen[bytes], deadline: float) -> Iterator[str]
             yield line + "\n"
     if buffer:
         yield buffer
+
+
+def follow(proc: subprocess.Popen[bytes], log: TextIO, deadline: float, *, echo: bool = False,
+           on_line: Callable[[str], object] = lambda line: None) -> bool:
+    """Copy ``proc``'s output to ``log`` (and stdout when ``echo``), each line also to
+    ``on_line``, until it exits; kill its process group if that fails or ``deadline``
+    passes. True when the deadline passed."""
+    try:
+        for line in lines_until(proc, deadline):
+            log.write(line)
+            log.flush()
+            if echo:
+                print(line, end="", flush=True)
+            on_line(line)
+    except BaseException:
+        kill_group(proc)
+        raise
+    try:  # stdout closed: the process is exiting, or the deadline passed
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()) + 5.0)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        return True
+    return False
