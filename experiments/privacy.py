@@ -1,6 +1,6 @@
 """Privacy table (issue 17): what an honest-but-curious server recovers, per defense and cut.
 
-    python experiments/privacy.py --task cifar10 --clients 10 --rounds 160     # the table
+    python experiments/privacy.py --task cifar10 --clients 10 --rounds 80      # the table
     python experiments/privacy.py --task sst2 --clients 10 --rounds 10
     python experiments/privacy.py --task digits --clients 2 --rounds 2 --attack-steps 100
     python experiments/privacy.py --task cifar10 --rows none dp-n1 --cuts 1      # some rows
