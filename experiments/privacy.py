@@ -25,9 +25,9 @@ The server observes the activations through the row's defense: DP (clipping + no
 a fresh seed; clip = the median per-sample activation norm of the initial model at that
 cut unless ``--clip``), or the row's codec; label-DP rows train on randomized-response
 labels (the label attack's gradients use them too, scored against the true labels); NoPeek
-rows train with the distance-correlation term and are observed as they are. Accuracy: the server's held-out evaluation
-after the last round (clean activations). Epsilon: the largest any client reported, at
-delta 1e-5. Stores ``<out>/rows.json`` (runs) and ``<out>/attacks.json``; writes
+rows train with the distance-correlation term and are observed as they are. Accuracy: the
+server's held-out evaluation after the last round (clean activations). Epsilon: the largest
+any client reported, at delta 1e-5. Stores ``<out>/rows.json`` (runs) and ``<out>/attacks.json``; writes
 ``<out>/privacy.md``.
 """
 
