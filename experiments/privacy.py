@@ -15,8 +15,8 @@ global model with the same code whatever the defense (``fedsplit.privacy.attacks
 * text: white-box token recovery (relaxed one-hot) and a learned inversion (a per-position
   classifier trained on ``--aux-batches`` test batches), special tokens not counted;
 * DP-SGD rows (``dpsgd-*``) clip each sample's gradient of the client segment to
-  ``--sgd-clip`` and add noise (image models with GroupNorm; ``none-gn`` is their
-  undefended baseline);
+  ``--sgd-clip`` and add noise (image models with GroupNorm, ``none-gn`` their undefended
+  baseline; ``-cgn`` rows: GroupNorm in the client segment only, ``none-cgn``);
 * labels: the gradients a u-shaped client (front cut = the row's cut, back cut = the last:
   the client keeps the head) would send for 10 training batches; AUC of the direction
   attack with 2 known labels per class (norm AUC in rows.json).
@@ -66,10 +66,13 @@ NOPEEK = {"nopeek-0.5": 0.5, "nopeek-2": 2.0}  # distance-correlation weights
 LABEL_DP = {"labeldp-e2": 2.0, "labeldp-e0.5": 0.5}  # randomized-response epsilons
 # DP-SGD on the client segment (per-sample gradients clipped to --sgd-clip): noise
 # multipliers, and one row with DP on the activations as well (both accounted together).
-DPSGD = {"dpsgd-n0.7": 0.7, "dpsgd-n1": 1.0, "dpsgd-n1-dp-n1": 1.0}
-# Image rows with DP-SGD use GroupNorm (BatchNorm mixes samples); `none-gn` is the
-# undefended model with GroupNorm, to tell the norm's cost from DP-SGD's.
-GROUP_NORM = ["none-gn"]
+# `-cgn` rows: GroupNorm in the client segment only (model.norm=client-group), BatchNorm
+# on the server.
+DPSGD = {"dpsgd-n0.7": 0.7, "dpsgd-n1": 1.0, "dpsgd-n1-dp-n1": 1.0,
+         "dpsgd-n0.7-cgn": 0.7, "dpsgd-n1-cgn": 1.0}
+# Image rows with DP-SGD use GroupNorm (BatchNorm mixes samples); `none-gn` / `none-cgn`
+# are the undefended models with the same norms, to tell the norm's cost from DP-SGD's.
+GROUP_NORM = ["none-gn", "none-cgn"]
 ROW_NAMES = ["none", *NOISE, *NOPEEK, *LABEL_DP, *CODECS, *DPSGD, *GROUP_NORM]
 
 
@@ -78,8 +81,8 @@ def row_overrides(row: str, cut: int, clip: float, kind: str,
     """The overrides of ``row`` at ``cut`` (``clip``: the activation-DP rows' clipping
     bound; ``sgd_clip``: the DP-SGD rows' per-sample gradient bound)."""
     out = [f"model.cut={cut}"]
-    if row in DPSGD or row in GROUP_NORM:
-        out += ["model.norm=group"] if kind == "image" else []
+    norm = row_norm(row, kind)
+    out += [f"model.norm={norm}"] if norm else []
     if row in DPSGD:
         out += [f"privacy.sgd-clip={sgd_clip:.6g}", f"privacy.sgd-noise={DPSGD[row]}"]
         if row.endswith("-dp-n1"):
@@ -94,6 +97,14 @@ def row_overrides(row: str, cut: int, clip: float, kind: str,
         chain = ("drop-padding, " if kind == "text" else "") + CODECS[row]
         out += [f"codec.up=[{chain}]"]
     return out
+
+
+def row_norm(row: str, kind: str) -> str | None:
+    """The ``model.norm`` of an image row with DP-SGD or of its baseline (None: the
+    config's own)."""
+    if kind != "image" or (row not in DPSGD and row not in GROUP_NORM):
+        return None
+    return "client-group" if row.endswith("-cgn") else "group"
 
 
 def as_overrides(values: dict[str, Any]) -> list[str]:
@@ -225,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     data = Data(config, args.overrides, args.victims, args.aux_batches)
     rows: dict[str, list[str]] = {}
     clips: dict[str, float] = {}
-    norms: dict[tuple[int, bool], float] = {}
+    norms: dict[tuple[int, str | None], float] = {}
     for cut in cuts:
         for row in args.rows:
             if row in GROUP_NORM and kind != "image":
@@ -233,12 +244,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             # The clip of the activation-DP rows: the median activation norm of the row's
             # own initial model (GroupNorm for the image rows with DP-SGD).
-            group = kind == "image" and (row in DPSGD or row in GROUP_NORM)
-            if (cut, group) not in norms:
-                norms[cut, group] = args.clip or median_norm(
+            norm = row_norm(row, kind)
+            if (cut, norm) not in norms:
+                norms[cut, norm] = args.clip or median_norm(
                     config, [*args.overrides, *data.prepared,
-                             *(["model.norm=group"] if group else [])], cut, data.victims)
-            clip = norms[cut, group]
+                             *([f"model.norm={norm}"] if norm else [])], cut, data.victims)
+            clip = norms[cut, norm]
             name = f"{row}-cut{cut}"
             rows[name] = row_overrides(row, cut, clip, kind, args.sgd_clip)
             clips[name] = clip if row in NOISE or row.endswith("-dp-n1") else None

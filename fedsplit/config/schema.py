@@ -78,9 +78,11 @@ class ModelConfig:
                          "(FedBN, Li et al. 2021: each client trains with its own BatchNorm "
                          "layers, kept from round to round; the server's evaluation uses their "
                          "average). See fedsplit/split/norm.py.", choices=("global", "local"))
-    norm: str = _f("batch", "Normalization layers of the vision models: `batch` (BatchNorm) or "
-                   "`group` (GroupNorm, 16 groups: per-sample statistics, as DP-SGD needs).",
-                   choices=("batch", "group"))
+    norm: str = _f("batch", "Normalization layers of the vision models: `batch` (BatchNorm), "
+                   "`group` (GroupNorm, 16 groups: per-sample statistics, as DP-SGD needs) "
+                   "or `client-group` (GroupNorm in the client segment, model[:cut], "
+                   "BatchNorm on the server: DP-SGD on the client segment at BatchNorm's "
+                   "accuracy).", choices=("batch", "group", "client-group"))
 
 
 @dataclass

@@ -142,12 +142,19 @@ def norm2d(kind: str, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels)
     if kind == "group":
         return nn.GroupNorm(math.gcd(GROUPS, channels), channels)
-    raise ValueError(f"model.norm must be `batch` or `group`, got {kind!r}")
+    raise ValueError(f"model.norm must be `batch`, `group` or `client-group`, got {kind!r}")
 
 
-def norm_of(cfg: Any) -> str:
-    """``cfg.norm`` (``model.norm``), ``batch`` when a hand-made config has none."""
-    return getattr(cfg, "norm", "batch")
+def norm_of(cfg: Any, child: int = 0) -> str:
+    """The normalization of top-level child ``child`` (``model.norm``; ``batch`` when a
+    hand-made config has none): ``client-group`` is GroupNorm in the client segment
+    (children before ``model.cut``) and BatchNorm on the server, so DP-SGD on the client
+    segment keeps BatchNorm's accuracy in the server segment, which needs no per-sample
+    gradients."""
+    kind = getattr(cfg, "norm", "batch")
+    if kind == "client-group":
+        return "group" if child < cfg.cut else "batch"
+    return kind
 
 
 def _head(
@@ -176,7 +183,7 @@ def _init_convs(model: nn.Sequential) -> nn.Sequential:
 def _resnet(name: str, cfg: Any) -> nn.Sequential:
     widths, depths, shortcut = _RESNETS[name]
     stem = nn.Sequential(  # (B, widths[0], H, W): stride 1, no max-pool (CIFAR form)
-        _conv3x3(cfg.in_channels, widths[0]), norm2d(norm_of(cfg), widths[0]), nn.ReLU()
+        _conv3x3(cfg.in_channels, widths[0]), norm2d(norm_of(cfg, 0), widths[0]), nn.ReLU()
     )
     blocks: list[nn.Module] = []
     in_ch = widths[0]
@@ -185,7 +192,8 @@ def _resnet(name: str, cfg: Any) -> nn.Sequential:
             # Stage s > 0 halves H and W in its first block: 32x32 input gives
             # (B, w1, 32, 32) -> (B, w2, 16, 16) -> (B, w3, 8, 8) [-> (B, w4, 4, 4)]
             stride = 2 if stage > 0 and i == 0 else 1
-            blocks.append(BasicBlock(in_ch, width, stride, shortcut, norm_of(cfg)))
+            blocks.append(BasicBlock(in_ch, width, stride, shortcut,
+                                     norm_of(cfg, 1 + len(blocks))))
             in_ch = width
     head = _head(in_ch, cfg.num_labels)  # (B, C, h, w) -> (B, C) -> (B, num_labels)
     return _init_convs(nn.Sequential(stem, *blocks, head))
@@ -250,7 +258,8 @@ def build_vgg11(cfg: Any, pretrained: bool = True) -> nn.Sequential:
             blocks[-1].append(nn.MaxPool2d(2, ceil_mode=True))
         else:
             assert isinstance(v, int)
-            blocks.append(nn.Sequential(_conv3x3(in_ch, v), norm2d(norm_of(cfg), v), nn.ReLU()))
+            norm = norm2d(norm_of(cfg, len(blocks)), v)
+            blocks.append(nn.Sequential(_conv3x3(in_ch, v), norm, nn.ReLU()))
             in_ch = v
     head = _head(in_ch, cfg.num_labels)  # (B, 512, 1, 1) -> (B, 512) -> (B, num_labels)
     return _init_convs(nn.Sequential(*blocks, head))

@@ -15,8 +15,9 @@ hooks see each sample's own backprop), and :class:`opacus.optimizers.DPOptimizer
 the client's optimizer. The modes' loops do not change: they call the optimizer they are
 given.
 
-Requirements, checked: no layer may mix samples (BatchNorm does: use ``model.norm=group``;
-NoPeek's batch loss does: the config check refuses the pair); every trainable parameter
+Requirements, checked: no layer may mix samples (BatchNorm does: use
+``model.norm=client-group`` or ``group``; NoPeek's batch loss does: the config check
+refuses the pair); every trainable parameter
 must get a per-sample gradient of the batch's size (a lookup broadcast over the batch
 does not: :func:`check_grad_samples` names it and the fix).
 """
@@ -50,8 +51,9 @@ def check_segment(segment: nn.Module) -> None:
         names = "; ".join(str(e) for e in errors[:3])
         raise PrivacyConfigError(
             f"DP-SGD (privacy.sgd-noise) needs per-sample gradients, which this client "
-            f"segment cannot give: {names}. For the vision models set model.norm=group "
-            "(GroupNorm instead of BatchNorm); otherwise freeze those layers with "
+            f"segment cannot give: {names}. For the vision models set model.norm=client-group "
+            "(GroupNorm in the client segment up to model.cut; a client whose own cut is "
+            "deeper needs model.norm=group); otherwise freeze those layers with "
             "train.trainable or turn privacy.sgd-noise off.")
 
 

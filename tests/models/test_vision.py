@@ -198,3 +198,22 @@ def test_group_norm_replaces_every_batch_norm(name):
     x = torch.randn(2, 3, 32, 32)
     alone = group(x[:1])
     torch.testing.assert_close(group.train()(x)[:1], alone)  # no sample sees another
+
+
+@pytest.mark.parametrize("name,cut", [("resnet20", 1), ("resnet20", 4), ("vgg11", 3)])
+def test_client_group_norm_is_group_norm_in_the_client_segment_only(name, cut):
+    """model.norm=client-group: GroupNorm in every child before the cut (the client
+    segment, which DP-SGD needs per-sample gradients of), BatchNorm in every child after,
+    same parameter count as the all-BatchNorm model."""
+    batch = build(name)
+    mixed = MODELS.get(name)(SimpleNamespace(num_labels=10, in_channels=3, cut=cut,
+                                             norm="client-group"))
+
+    def norms(child: nn.Module) -> set[type]:
+        return {type(m) for m in child.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))}
+
+    assert all(norms(c) == {nn.GroupNorm} for c in mixed[:cut])
+    assert all(norms(c) <= {nn.BatchNorm2d} for c in mixed[cut:])
+    assert any(norms(c) == {nn.BatchNorm2d} for c in mixed[cut:])
+    assert sum(p.numel() for p in mixed.parameters()) == sum(
+        p.numel() for p in batch.parameters())

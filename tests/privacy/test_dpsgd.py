@@ -28,11 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "channel"))
 from channel_helpers import bert_batches, channel_cfg, cnn_batches, tiny_bert, train_cfg  # noqa: E402
 
 
-def resnet_client(norm: str, cut: int = 2) -> nn.Module:
+def resnet_client(norm: str, cut: int = 2, model_cut: int = 2) -> nn.Module:
+    """The client segment at ``cut`` of ResNet-20 built with ``model.cut=model_cut``."""
     torch.manual_seed(0)
     model = build_model(SimpleNamespace(name="resnet20", num_labels=10, in_channels=3,
-                                        norm=norm))
-    return ModelLayout(model, cut).client_module(ClientPlan(cut))
+                                        norm=norm, cut=model_cut))
+    return ModelLayout(model, model_cut).client_module(ClientPlan(cut))
 
 
 def per_sample_reference(segment: nn.Module, batch: dict, grad: torch.Tensor) -> list[dict]:
@@ -128,6 +129,17 @@ def test_batchnorm_is_refused_with_the_fix():
     with pytest.raises(PrivacyConfigError, match="model.norm=group"):
         SegmentDPSGD(resnet_client("batch"), torch.optim.SGD([nn.Parameter(torch.ones(1))],
                                                              lr=0.1), 1.0, 1.0, 4)
+
+
+def test_client_group_norm_is_accepted_up_to_the_models_cut():
+    """model.norm=client-group: the segment up to model.cut has GroupNorm only and is
+    accepted; a client whose own cut is deeper holds server-side BatchNorm and is refused
+    with the fix (model.norm=group)."""
+    opt = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)
+    dp = SegmentDPSGD(resnet_client("client-group", cut=2, model_cut=2), opt, 1.0, 1.0, 4)
+    dp.close()
+    with pytest.raises(PrivacyConfigError, match="deeper needs model.norm=group"):
+        SegmentDPSGD(resnet_client("client-group", cut=3, model_cut=2), opt, 1.0, 1.0, 4)
 
 
 class SharedLookup(nn.Module):

@@ -24,6 +24,9 @@ def test_row_overrides_per_defense():
         "privacy.act-noise=1.0"]
     assert privacy.row_overrides("none-gn", 1, 3.0, "image") == ["model.cut=1",
                                                                  "model.norm=group"]
+    assert privacy.row_overrides("dpsgd-n0.7-cgn", 4, 3.0, "image") == [
+        "model.cut=4", "model.norm=client-group", "privacy.sgd-clip=1", "privacy.sgd-noise=0.7"]
+    assert privacy.row_overrides("none-cgn", 4, 3.0, "text") == ["model.cut=4"]
     text = privacy.row_overrides("topk10-2bit", 3, 1.0, "text")
     assert text[1].startswith("codec.up=[drop-padding, {name: topk-mask")
 
