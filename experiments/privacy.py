@@ -68,8 +68,12 @@ LABEL_DP = {"labeldp-e2": 2.0, "labeldp-e0.5": 0.5}  # randomized-response epsil
 # multipliers, and one row with DP on the activations as well (both accounted together).
 # `-cgn` rows: GroupNorm in the client segment only (model.norm=client-group), BatchNorm
 # on the server.
+# `-fwe` rows (text): the word embeddings frozen (pre-trained, never sent), so per-sample
+# gradients skip the (vocabulary x hidden) table.
 DPSGD = {"dpsgd-n0.7": 0.7, "dpsgd-n1": 1.0, "dpsgd-n1-dp-n1": 1.0,
-         "dpsgd-n0.7-cgn": 0.7, "dpsgd-n1-cgn": 1.0}
+         "dpsgd-n0.7-cgn": 0.7, "dpsgd-n1-cgn": 1.0, "dpsgd-n1-fwe": 1.0}
+FROZEN_WORDS = ["train.trainable=[layer.*, head, '*.position_embeddings.*', "
+                "'*.token_type_embeddings.*', '*.embeddings.LayerNorm.*']"]
 # Image rows with DP-SGD use GroupNorm (BatchNorm mixes samples); `none-gn` / `none-cgn`
 # are the undefended models with the same norms, to tell the norm's cost from DP-SGD's.
 GROUP_NORM = ["none-gn", "none-cgn"]
@@ -87,6 +91,7 @@ def row_overrides(row: str, cut: int, clip: float, kind: str,
         out += [f"privacy.sgd-clip={sgd_clip:.6g}", f"privacy.sgd-noise={DPSGD[row]}"]
         if row.endswith("-dp-n1"):
             out += [f"privacy.act-clip={clip:.6g}", "privacy.act-noise=1.0"]
+        out += FROZEN_WORDS if row.endswith("-fwe") else []
     if row in NOISE:
         out += [f"privacy.act-clip={clip:.6g}", f"privacy.act-noise={NOISE[row]}"]
     elif row in LABEL_DP:
@@ -97,6 +102,14 @@ def row_overrides(row: str, cut: int, clip: float, kind: str,
         chain = ("drop-padding, " if kind == "text" else "") + CODECS[row]
         out += [f"codec.up=[{chain}]"]
     return out
+
+
+def applies(row: str, kind: str) -> bool:
+    """Whether ``row`` is a row of ``kind`` models (norm rows: images; frozen word
+    embeddings: text)."""
+    if row in GROUP_NORM or row.endswith("-cgn"):
+        return kind == "image"
+    return kind == "text" if row.endswith("-fwe") else True
 
 
 def row_norm(row: str, kind: str) -> str | None:
@@ -239,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     norms: dict[tuple[int, str | None], float] = {}
     for cut in cuts:
         for row in args.rows:
-            if row in GROUP_NORM and kind != "image":
-                print(f"[privacy] {row}: the GroupNorm baseline is for image models; skipped")
+            if not applies(row, kind):
+                print(f"[privacy] {row}: not a row of {kind} models; skipped")
                 continue
             # The clip of the activation-DP rows: the median activation norm of the row's
             # own initial model (GroupNorm for the image rows with DP-SGD).

@@ -49,16 +49,24 @@ def per_sample_reference(segment: nn.Module, batch: dict, grad: torch.Tensor) ->
     return out
 
 
-@pytest.mark.parametrize("family", ["resnet20-group", "bert"])
+@pytest.mark.parametrize("family", ["resnet20-group", "resnet20-client-group", "bert",
+                                    "bert-frozen-words"])
 def test_per_sample_gradients_are_each_samples_own(family):
     """Opacus's hooks, fed the server's cut gradient (B, ...), give every sample's own
     gradient (checked against one backward per sample), for every trainable tensor,
     including the position and segment embeddings of a BERT client and its word
-    embeddings' padding row (zero: ``padding_idx`` never trains)."""
-    if family == "bert":
+    embeddings' padding row (zero: ``padding_idx`` never trains); frozen word embeddings
+    (``train.trainable`` without them) get none."""
+    if family.startswith("bert"):
         torch.manual_seed(0)
         segment = ModelLayout(tiny_bert(), 1).client_module(ClientPlan(1))
         batch = {k: v for k, v in bert_batches(1)[0].items() if k != "labels"}
+        words = [p for n, p in segment.named_parameters() if "word_embeddings" in n]
+        assert len(words) == 1
+        words[0].requires_grad_(family != "bert-frozen-words")
+    elif family == "resnet20-client-group":
+        segment = resnet_client("client-group")
+        batch = {"x": torch.randn(5, 3, 16, 16)}
     else:
         segment = resnet_client("group")
         batch = {"x": torch.randn(5, 3, 16, 16)}
@@ -71,6 +79,7 @@ def test_per_sample_gradients_are_each_samples_own(family):
         dp.optimizer.pre_step()  # what the step does first: checks, padding rows
         for name, p in segment.named_parameters():
             if not p.requires_grad:
+                assert getattr(p, "grad_sample", None) is None and p.grad is None, name
                 continue
             for i, ref in enumerate(reference):
                 scale = max(1.0, float(ref[name].abs().max()))  # float32 at |g| ~ 100

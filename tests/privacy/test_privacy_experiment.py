@@ -27,6 +27,12 @@ def test_row_overrides_per_defense():
     assert privacy.row_overrides("dpsgd-n0.7-cgn", 4, 3.0, "image") == [
         "model.cut=4", "model.norm=client-group", "privacy.sgd-clip=1", "privacy.sgd-noise=0.7"]
     assert privacy.row_overrides("none-cgn", 4, 3.0, "text") == ["model.cut=4"]
+    fwe = privacy.row_overrides("dpsgd-n1-fwe", 1, 3.0, "text")
+    assert fwe[:3] == ["model.cut=1", "privacy.sgd-clip=1", "privacy.sgd-noise=1.0"]
+    assert fwe[3].startswith("train.trainable=[layer.*, head,")
+    assert privacy.applies("dpsgd-n1-fwe", "text") and not privacy.applies("dpsgd-n1-fwe",
+                                                                            "image")
+    assert privacy.applies("none-cgn", "image") and not privacy.applies("none-cgn", "text")
     text = privacy.row_overrides("topk10-2bit", 3, 1.0, "text")
     assert text[1].startswith("codec.up=[drop-padding, {name: topk-mask")
 
