@@ -27,8 +27,8 @@ cut unless ``--clip``), or the row's codec; label-DP rows train on randomized-re
 labels (the label attack's gradients use them too, scored against the true labels); NoPeek
 rows train with the distance-correlation term and are observed as they are. Accuracy: the
 server's held-out evaluation after the last round (clean activations). Epsilon: the largest
-any client reported, at delta 1e-5. Stores ``<out>/rows.json`` (runs) and ``<out>/attacks.json``; writes
-``<out>/privacy.md``.
+any client reported, at delta 1e-5. Stores ``<out>/rows.json`` (runs) and
+``<out>/attacks.json``; writes ``<out>/privacy.md``.
 """
 
 from __future__ import annotations
@@ -105,11 +105,11 @@ def row_overrides(row: str, cut: int, clip: float, kind: str,
 
 
 def applies(row: str, kind: str) -> bool:
-    """Whether ``row`` is a row of ``kind`` models (norm rows: images; frozen word
-    embeddings: text)."""
+    """Whether ``row`` is a row of ``kind`` models (norm baselines and ``-cgn`` rows:
+    images; frozen word embeddings: text)."""
     if row in GROUP_NORM or row.endswith("-cgn"):
         return kind == "image"
-    return kind == "text" if row.endswith("-fwe") else True
+    return not row.endswith("-fwe") or kind == "text"
 
 
 def row_norm(row: str, kind: str) -> str | None:

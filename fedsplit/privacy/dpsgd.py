@@ -17,9 +17,9 @@ given.
 
 Requirements, checked: no layer may mix samples (BatchNorm does: use
 ``model.norm=client-group`` or ``group``; NoPeek's batch loss does: the config check
-refuses the pair); every trainable parameter
-must get a per-sample gradient of the batch's size (a lookup broadcast over the batch
-does not: :func:`check_grad_samples` names it and the fix).
+refuses the pair); every trainable parameter must get a per-sample gradient of the
+batch's size (a lookup broadcast over the batch does not: :func:`check_grad_samples`
+names it and the fix).
 """
 
 from __future__ import annotations
