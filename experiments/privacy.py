@@ -23,7 +23,8 @@ global model with the same code whatever the defense (``fedsplit.privacy.attacks
 
 The server observes the activations through the row's defense: DP (clipping + noise with
 a fresh seed; clip = the median per-sample activation norm of the initial model at that
-cut unless ``--clip``), or the row's codec; label-DP rows train on randomized-response
+cut unless ``--clip``), or the row's codec from a sender to a receiver (stateful codecs as
+the client's ``WARMUP_BATCHES`` earlier training batches left them); label-DP rows train on randomized-response
 labels (the label attack's gradients use them too, scored against the true labels); NoPeek
 rows train with the distance-correlation term and are observed as they are. Accuracy: the
 server's held-out evaluation after the last round (clean activations). Epsilon: the largest
@@ -60,8 +61,18 @@ TASKS = {  # config, default cuts (first, deeper), input kind
     "digits": ("configs/default.yaml", (1, 2), "image"),
 }
 NOISE = {"dp-n0.1": 0.1, "dp-n0.5": 0.5, "dp-n1": 1.0}  # noise multipliers of the DP rows
-CODECS = {"topk10-2bit": "{name: topk-mask, k: 0.1, bits: 2}",  # codecs as implicit defenses
-          "topk2-2bit": "{name: topk-mask, k: 0.02, bits: 2}"}
+# Codecs as implicit defenses: row -> (codec.up, codec.down or None: the config's; text
+# chains start with drop-padding). ~100x: on text the klt-ec setting of the codec table
+# (experiments/codecs.py `dp-kltec136-rs20`: 104x of the cut bytes, -0.9 points); on
+# ResNet-20 klt-ec stops at ~46x (its per-position scales), so 70 % random dropout of the
+# values (the same positions both ways) and 1-bit Lloyd-Max codes: 106x both ways.
+TOPK = "{{name: topk-mask, k: {k}, bits: 2}}"
+DROP_1BIT = "{name: dropout, p: 0.7, rescale: true}, {name: lloyd, bits: 1}"
+CODECS = {"topk10-2bit": (TOPK.format(k=0.1), None), "topk2-2bit": (TOPK.format(k=0.02), None),
+          "kltec136-rs20": ("{name: klt-ec, bits: 1.36}",
+                            "{name: row-sampling, fraction: 0.2}, rotate, sign"),
+          "drop70-1bit": (DROP_1BIT, DROP_1BIT)}
+CODEC_KINDS = {"kltec136-rs20": "text", "drop70-1bit": "image"}  # the others: both
 NOPEEK = {"nopeek-0.5": 0.5, "nopeek-2": 2.0}  # distance-correlation weights
 LABEL_DP = {"labeldp-e2": 2.0, "labeldp-e0.5": 0.5}  # randomized-response epsilons
 # DP-SGD on the client segment (per-sample gradients clipped to --sgd-clip): noise
@@ -77,6 +88,9 @@ FROZEN_WORDS = ["train.trainable=[layer.*, head, '*.position_embeddings.*', "
 # Image rows with DP-SGD use GroupNorm (BatchNorm mixes samples); `none-gn` / `none-cgn`
 # are the undefended models with the same norms, to tell the norm's cost from DP-SGD's.
 GROUP_NORM = ["none-gn", "none-cgn"]
+# Training batches of 32 a client sends before the victims' batch (klt's default
+# fit-rows is 1024 rows: ~2 text batches, 1/32 of an image batch at ResNet-20's cuts).
+WARMUP_BATCHES = 4
 ROW_NAMES = ["none", *NOISE, *NOPEEK, *LABEL_DP, *CODECS, *DPSGD, *GROUP_NORM]
 
 
@@ -99,16 +113,19 @@ def row_overrides(row: str, cut: int, clip: float, kind: str,
     elif row in NOPEEK:
         out += [f"privacy.nopeek={NOPEEK[row]}"]
     elif row in CODECS:
-        chain = ("drop-padding, " if kind == "text" else "") + CODECS[row]
-        out += [f"codec.up=[{chain}]"]
+        first = "drop-padding, " if kind == "text" else ""
+        out += [f"codec.{way}=[{first}{chain}]"
+                for way, chain in zip(("up", "down"), CODECS[row], strict=True) if chain]
     return out
 
 
 def applies(row: str, kind: str) -> bool:
     """Whether ``row`` is a row of ``kind`` models (norm baselines and ``-cgn`` rows:
-    images; frozen word embeddings: text)."""
+    images; frozen word embeddings: text; codecs: :data:`CODEC_KINDS`)."""
     if row in GROUP_NORM or row.endswith("-cgn"):
         return kind == "image"
+    if row in CODEC_KINDS:
+        return kind == CODEC_KINDS[row]
     return not row.endswith("-fwe") or kind == "text"
 
 
@@ -127,8 +144,10 @@ def as_overrides(values: dict[str, Any]) -> list[str]:
 
 class Data:
     """The attacker's and the victims' samples: ``victims`` (one batch of training
-    samples), ``aux`` (test batches), ``label_batches`` (training batches of 32), and
-    ``prepared``: what the server derives from the training set (image normalization)."""
+    samples), ``warmup`` (the next training batches: what the victims' client sent before
+    them in the round, for stateful codecs), ``aux`` (test batches), ``label_batches``
+    (training batches of 32), and ``prepared``: what the server derives from the training
+    set (image normalization)."""
 
     def __init__(self, config: str, overrides: list[str], victims: int,
                  aux_batches: int) -> None:
@@ -144,6 +163,8 @@ class Data:
             return list(task.loader(task.encode(rows), size, shuffle=False))
 
         self.victims = batches(train, 1, victims)[0]
+        warmup = batches(train.select(range(victims, len(train))), WARMUP_BATCHES, 32)
+        self.warmup = [b["x"] for b in warmup] if "x" in self.victims else warmup
         aux = batches(test, aux_batches, 64)  # the attacker's own samples: the test split
         self.aux = [b["x"] for b in aux] if "x" in self.victims else aux
         self.label_batches = batches(train, 10, 32)
@@ -166,13 +187,13 @@ def attack_row(run_dir: Path, cut: int, kind: str, data: Data, args: Any) -> dic
     if kind == "image":
         out.update(attack_images(layout, cut, data.victims["x"], data.aux, cfg,
                                  steps=args.attack_steps,
-                                 inversion_epochs=args.inversion_epochs))
+                                 inversion_epochs=args.inversion_epochs, warmup=data.warmup))
     else:
         tok = data.task.tokenizer
         ignore = set(tok.all_special_ids) if tok is not None else set()
         out.update(attack_tokens(layout, cut, data.victims, cfg, steps=args.attack_steps,
                                  ignore=ignore, aux=data.aux,
-                                 inversion_epochs=args.inversion_epochs))
+                                 inversion_epochs=args.inversion_epochs, warmup=data.warmup))
     classes = cfg.model.num_labels
     out.update(attack_labels(layout, cut, layout.hi, data.label_batches,
                              data.task.objective, classes, cfg))

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fedsplit.codecs.base import CodecContext, build_codec
+from fedsplit.codecs.link import Link
 from fedsplit.runtime import module_device, to_device
 from fedsplit.tasks.base import Objective
 
@@ -54,12 +54,12 @@ def evaluate(split: Any, loader: Any, objective: Objective, up_codec: Any = None
     split.client.eval()
     split.server.eval()
     device = module_device(split.client)
-    transmit = None if up_codec is None else _Transmit(up_codec, seed)
+    transmit = None if up_codec is None else Link(up_codec, seed)
     n, correct, loss_sum = 0, 0, 0.0
-    for step, batch in enumerate(loader):
+    for batch in loader:
         batch = to_device(batch, device)
         cut = split.client(batch)
-        hidden = cut.hidden if transmit is None else transmit(step, cut.hidden, cut.side)
+        hidden = cut.hidden if transmit is None else transmit(cut.hidden, cut.side)
         output = split.server(hidden, cut.side)  # (B, num_labels) for classification
         targets = objective.targets(batch)
         count = objective.count(targets)
@@ -71,21 +71,3 @@ def evaluate(split: Any, loader: Any, objective: Objective, up_codec: Any = None
     if transmit is not None:
         out["bytes_up"] = float(transmit.nbytes)
     return out
-
-
-class _Transmit:
-    """The up direction of the split channel in one process: encode, count, decode."""
-
-    def __init__(self, spec: Any, seed: int) -> None:
-        self.tx, self.rx, self.seed, self.nbytes = build_codec(spec), build_codec(spec), seed, 0
-        self.samples = 0  # test samples sent so far: their ids (delta keys state on them)
-
-    def __call__(self, step: int, hidden: torch.Tensor, side: dict) -> torch.Tensor:
-        ids = torch.arange(self.samples, self.samples + len(hidden))
-        side = {k: v.cpu() for k, v in side.items()}
-        self.samples += len(hidden)
-        ctx = CodecContext(direction="up", step=step, seed=self.seed, sample_ids=ids,
-                           attention_mask=side.get("attention_mask"))
-        data = self.tx.encode(hidden, ctx)  # codecs encode a CPU copy: same bytes anywhere
-        self.nbytes += len(data)
-        return self.rx.decode(data, ctx).to(hidden.device)

@@ -34,7 +34,17 @@ def test_row_overrides_per_defense():
                                                                             "image")
     assert privacy.applies("none-cgn", "image") and not privacy.applies("none-cgn", "text")
     text = privacy.row_overrides("topk10-2bit", 3, 1.0, "text")
-    assert text[1].startswith("codec.up=[drop-padding, {name: topk-mask")
+    assert text[1].startswith("codec.up=[drop-padding, {name: topk-mask") and len(text) == 2
+    klt = privacy.row_overrides("kltec136-rs20", 1, 1.0, "text")
+    assert klt[1:] == ["codec.up=[drop-padding, {name: klt-ec, bits: 1.36}]",
+                       "codec.down=[drop-padding, {name: row-sampling, fraction: 0.2}, rotate, "
+                       "sign]"]
+    drop = privacy.row_overrides("drop70-1bit", 1, 1.0, "image")
+    assert drop[1] == drop[2].replace("codec.down", "codec.up")  # the same positions both ways
+    assert drop[1].startswith("codec.up=[{name: dropout, p: 0.7, rescale: true}")
+    assert privacy.applies("kltec136-rs20", "text") and not privacy.applies("kltec136-rs20",
+                                                                              "image")
+    assert privacy.applies("drop70-1bit", "image") and not privacy.applies("drop70-1bit", "text")
 
 
 @pytest.mark.slow

@@ -4,19 +4,21 @@ The model is the one a config describes (``fedsplit.models.build_model`` +
 ``client_layout``), optionally with the weights of a finished run (its
 ``checkpoint.pt``), so the same code attacks a model trained with or without a defense.
 What the server sees is modelled by :func:`observation`: the client's defense from the
-config's ``privacy`` section (clipping + noise with a fresh seed), then the round trip
-through the configured ``codec.up`` (codecs as implicit defenses).
+config's ``privacy`` section (clipping + noise with a fresh seed), then the configured
+``codec.up`` from a sender to a receiver, stateful codecs in the state the client's earlier
+batches of the round left them in (codecs as implicit defenses).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedsplit.codecs import CodecContext, build_codec
+from fedsplit.codecs.link import Link
 from fedsplit.privacy.attacks.inversion import Observe, train_inversion, train_token_inversion
 from fedsplit.privacy.attacks.labels import label_inference, ushaped_gradients
 from fedsplit.privacy.attacks.scores import psnr, ssim, token_recovery
@@ -53,32 +55,40 @@ def codec_spec(cfg: Any, direction: str) -> Any:
     return OmegaConf.to_container(cfg.codec, resolve=True)[direction]
 
 
-def _codec_round_trip(spec: Any, seed: int) -> Observe | None:
-    if spec in ("identity", "", None, []):
-        return None
-    codec = build_codec(spec)
-
-    def through(h: torch.Tensor, side: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        ctx = CodecContext(direction="up", step=0, seed=seed,
-                           attention_mask=side.get("attention_mask"))
-        return codec.decode(codec.encode(h.detach().cpu(), ctx), ctx)
-
-    return through
+def _identity(spec: Any) -> bool:
+    return spec in ("identity", "", None, [])
 
 
-def observation(cfg: Any, spec: Any = None) -> Observe:
-    """``observe(hidden, side)``: what the server receives for activations ``hidden``
+def observation(cfg: Any, spec: Any = None,
+                warmup: Iterable[tuple[torch.Tensor, Mapping[str, torch.Tensor]]] = (),
+                stream: bool = False) -> Observe:
+    """``observe(hidden, side)``: what the server decodes for activations ``hidden``
     (B, ...): the config's DP on the activations, then the codec ``spec`` (default
-    ``codec.up``) encoded and decoded."""
+    ``codec.up``) through a sender and a receiver (:class:`~fedsplit.codecs.link.Link`).
+
+    Stateful codecs are applied as in training, where the observed batch is not the
+    round's first: the link first carries ``warmup``, the client's own earlier batches of
+    the round (``(hidden, side)`` pairs, defended the same way), so ``klt`` has fitted its
+    basis from the client's rows. Then every observation is the next message after the
+    warm-up (from a copy of the warmed link: the attacker simulates the client's codec
+    with the state it received, e.g. the basis) or, with ``stream``, the stream goes on
+    (each call the next message of the round)."""
     privacy = cfg.privacy
     dp = ActivationDP(privacy.act_clip, privacy.act_noise) if privacy.act_clip > 0 else None
     spec = codec_spec(cfg, "up") if spec is None else spec
-    codec = _codec_round_trip(spec, cfg.run.seed)
+
+    def defend(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return dp(hidden) if dp is not None else hidden.detach()
+
+    if _identity(spec):
+        return lambda hidden, side: defend(hidden)
+    link = Link(spec, cfg.run.seed)
+    for hidden, side in warmup:
+        link(defend(hidden), side)
 
     def observe(hidden: torch.Tensor, side: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            out = dp(hidden) if dp is not None else hidden.detach()
-        return codec(out, side) if codec is not None else out
+        return (link if stream else copy.deepcopy(link))(defend(hidden), side)
 
     return observe
 
@@ -94,13 +104,17 @@ def image_bounds(cfg: Any, channels: int) -> tuple[torch.Tensor, torch.Tensor,
 
 def attack_images(layout: Any, cut: int, victims: torch.Tensor, aux: Sequence[torch.Tensor],
                   cfg: Any, *, steps: int = 500, inversion_epochs: int = 20,
-                  input_key: str = "x") -> dict[str, float]:
+                  input_key: str = "x",
+                  warmup: Sequence[torch.Tensor] = ()) -> dict[str, float]:
     """White-box and learned reconstruction of ``victims`` (B, C, H, W, normalized) from
     what the server observes at ``cut``; SSIM/PSNR on pixels in [0, 1]. ``aux``: the
-    attacker's own image batches (a split no client uses)."""
+    attacker's own image batches (a split no client uses); ``warmup``: the client's
+    image batches sent before the victims' in the round (stateful codecs)."""
     segment = layout.split(cut).client
     mean, std, lo, hi = image_bounds(cfg, victims.shape[1])
-    observe = observation(cfg)
+    with torch.no_grad():
+        sent = [(segment({input_key: x}).hidden, {}) for x in warmup]
+    observe = observation(cfg, warmup=sent)
     with torch.no_grad():
         observed = observe(segment({input_key: victims}).hidden, {})  # (B, ...) at the cut
     clip = cfg.privacy.act_clip or None
@@ -124,13 +138,17 @@ def attack_images(layout: Any, cut: int, victims: torch.Tensor, aux: Sequence[to
 def attack_tokens(layout: Any, cut: int, batch: Mapping[str, torch.Tensor], cfg: Any, *,
                   steps: int = 300, ignore: Iterable[int] = (),
                   aux: Sequence[Mapping[str, torch.Tensor]] = (),
-                  inversion_epochs: int = 20) -> dict[str, float]:
+                  inversion_epochs: int = 20,
+                  warmup: Sequence[Mapping[str, torch.Tensor]] = ()) -> dict[str, float]:
     """White-box token recovery at ``cut`` on a text ``batch`` (``input_ids``,
     ``attention_mask``): the share of real tokens (not in ``ignore``) recovered exactly;
     with ``aux`` (the attacker's own text batches, a split no client uses) also the learned
-    inversion's (``inv_token_recovery``)."""
+    inversion's (``inv_token_recovery``). ``warmup``: the client's batches sent before
+    ``batch`` in the round (stateful codecs)."""
     segment = layout.split(cut).client
-    observe = observation(cfg)
+    with torch.no_grad():
+        sent = [(out.hidden, out.side) for out in (segment(dict(b)) for b in warmup)]
+    observe = observation(cfg, warmup=sent)
     with torch.no_grad():
         cut_out = segment(dict(batch))
     observed = observe(cut_out.hidden, cut_out.side)  # (B, T, H)
@@ -158,8 +176,9 @@ def attack_labels(layout: Any, cut: int, back_cut: int,
     true labels."""
     front, middle = layout.split(cut).client, layout.middle(cut, back_cut)
     tail = layout.tail(back_cut)
-    through = _codec_round_trip(codec_spec(cfg, "down"), cfg.run.seed)
-    observe = observation(cfg)  # the middle sees the front's activations as sent
+    down = codec_spec(cfg, "down")  # the client's gradient stream, batch after batch
+    through = None if _identity(down) else Link(down, cfg.run.seed, "down")
+    observe = observation(cfg, stream=True)  # the middle sees the front's activations as sent
     grads, labels = [], []
     relabel = None
     if cfg.privacy.label_epsilon > 0:  # the client trains on randomized-response labels
