@@ -27,7 +27,8 @@ cut unless ``--clip``), or the row's codec from a sender to a receiver (stateful
 the client's ``WARMUP_BATCHES`` earlier training batches left them); label-DP rows train on randomized-response
 labels (the label attack's gradients use them too, scored against the true labels); NoPeek
 rows train with the distance-correlation term and are observed as they are. Accuracy: the
-server's held-out evaluation after the last round (clean activations). Epsilon: the largest
+server's held-out evaluation after the last round (clean activations; rows in
+``THROUGH_CODEC``: split inference through the row's codec). Epsilon: the largest
 any client reported, at delta 1e-5. Stores ``<out>/rows.json`` (runs) and
 ``<out>/attacks.json``; writes ``<out>/privacy.md``.
 """
@@ -73,6 +74,10 @@ CODECS = {"topk10-2bit": (TOPK.format(k=0.1), None), "topk2-2bit": (TOPK.format(
                             "{name: row-sampling, fraction: 0.2}, rotate, sign"),
           "drop70-1bit": (DROP_1BIT, DROP_1BIT)}
 CODEC_KINDS = {"kltec136-rs20": "text", "drop70-1bit": "image"}  # the others: both
+# Rows evaluated as split inference through codec.up: rescaled dropout + 1-bit codes give
+# the server inputs of other statistics than the clean activations (its BatchNorm learns
+# those), so the deployed model sends its test activations through the codec too.
+THROUGH_CODEC = {"drop70-1bit"}
 NOPEEK = {"nopeek-0.5": 0.5, "nopeek-2": 2.0}  # distance-correlation weights
 LABEL_DP = {"labeldp-e2": 2.0, "labeldp-e0.5": 0.5}  # randomized-response epsilons
 # DP-SGD on the client segment (per-sample gradients clipped to --sgd-clip): noise
@@ -116,6 +121,7 @@ def row_overrides(row: str, cut: int, clip: float, kind: str,
         first = "drop-padding, " if kind == "text" else ""
         out += [f"codec.{way}=[{first}{chain}]"
                 for way, chain in zip(("up", "down"), CODECS[row], strict=True) if chain]
+        out += ["eval.through-codec=true"] if row in THROUGH_CODEC else []
     return out
 
 

@@ -42,6 +42,7 @@ def test_row_overrides_per_defense():
     drop = privacy.row_overrides("drop70-1bit", 1, 1.0, "image")
     assert drop[1] == drop[2].replace("codec.down", "codec.up")  # the same positions both ways
     assert drop[1].startswith("codec.up=[{name: dropout, p: 0.7, rescale: true}")
+    assert drop[3:] == ["eval.through-codec=true"] and "eval.through-codec=true" not in klt
     assert privacy.applies("kltec136-rs20", "text") and not privacy.applies("kltec136-rs20",
                                                                               "image")
     assert privacy.applies("drop70-1bit", "image") and not privacy.applies("drop70-1bit", "text")
