@@ -210,6 +210,15 @@ def cell(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def accuracy_cell(rounds: list[dict]) -> str:
+    """The final accuracy; for a row evaluated through its codec (split inference), that
+    accuracy and the clean activations' one."""
+    clean = f"{100 * final_accuracy(rounds):.2f}%"
+    if not any(r.get("codec_accuracy") is not None for r in rounds):
+        return clean
+    return f"{100 * final_accuracy(rounds, 'codec_accuracy'):.2f}% through codec ({clean} clean)"
+
+
 def epsilon_cell(eps: list[float], entry: dict) -> str:
     """The DP epsilon (activations and/or DP-SGD; largest any client reported), or the
     label epsilon."""
@@ -242,7 +251,7 @@ def table(stored: dict, attacks: dict, names: list[str], kind: str, header: str)
             scores = (f"{100 * a['token_recovery']:.1f}% | "
                       + ("-" if inv is None else f"{100 * inv:.1f}%"))
         lines.append(f"| {name.rsplit('-cut', 1)[0]} | {a['cut']} | {cell(a.get('clip'), '.3g')}"
-                     f" | {100 * final_accuracy(rounds):.2f}% | "
+                     f" | {accuracy_cell(rounds)} | "
                      f"{epsilon_cell(eps, stored[name])} | {up:,.0f} | {scores} | "
                      f"{a['direction_auc']:.3f} | {100 * a['direction_accuracy']:.1f}% "
                      f"(chance {100 * a['chance_accuracy']:.1f}%) |")

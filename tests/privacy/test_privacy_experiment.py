@@ -63,3 +63,9 @@ def test_privacy_table_on_digits(tmp_path, no_leftover_ray):
     rows = [line for line in table.splitlines() if line.startswith("| none") or
             line.startswith("| dp-n1")]
     assert len(rows) == 2 and "| - |" not in rows[1].split("|", 6)[5]  # epsilon reported
+
+
+def test_accuracy_of_a_row_evaluated_through_its_codec():
+    rounds = [{"accuracy": 0.5}, {"accuracy": None}, {"accuracy": 0.6, "codec_accuracy": 0.55}]
+    assert privacy.accuracy_cell(rounds) == "55.00% through codec (60.00% clean)"
+    assert privacy.accuracy_cell([{"accuracy": 0.6}, {"accuracy": None}]) == "60.00%"
