@@ -24,13 +24,13 @@ global model with the same code whatever the defense (``fedsplit.privacy.attacks
 The server observes the activations through the row's defense: DP (clipping + noise with
 a fresh seed; clip = the median per-sample activation norm of the initial model at that
 cut unless ``--clip``), or the row's codec from a sender to a receiver (stateful codecs as
-the client's ``WARMUP_BATCHES`` earlier training batches left them); label-DP rows train on randomized-response
-labels (the label attack's gradients use them too, scored against the true labels); NoPeek
-rows train with the distance-correlation term and are observed as they are. Accuracy: the
-server's held-out evaluation after the last round (clean activations; rows in
-``THROUGH_CODEC``: split inference through the row's codec). Epsilon: the largest
-any client reported, at delta 1e-5. Stores ``<out>/rows.json`` (runs) and
-``<out>/attacks.json``; writes ``<out>/privacy.md``.
+the client's ``WARMUP_BATCHES`` earlier training batches left them); label-DP rows train
+on randomized-response labels (the label attack's gradients use them too, scored against
+the true labels); NoPeek rows train with the distance-correlation term and are observed as
+they are. Accuracy: the server's held-out evaluation after the last round (clean
+activations; rows in ``THROUGH_CODEC``: split inference through the row's codec).
+Epsilon: the largest any client reported, at delta 1e-5. Stores ``<out>/rows.json``
+(runs) and ``<out>/attacks.json``; writes ``<out>/privacy.md``.
 """
 
 from __future__ import annotations
@@ -168,11 +168,14 @@ class Data:
             rows = ds.select(range(min(n * size, len(ds))))
             return list(task.loader(task.encode(rows), size, shuffle=False))
 
+        def inputs(bs: list[dict[str, torch.Tensor]]) -> list[Any]:  # images: the pixels
+            return [b["x"] for b in bs] if "x" in self.victims else bs
+
         self.victims = batches(train, 1, victims)[0]
-        warmup = batches(train.select(range(victims, len(train))), WARMUP_BATCHES, 32)
-        self.warmup = [b["x"] for b in warmup] if "x" in self.victims else warmup
-        aux = batches(test, aux_batches, 64)  # the attacker's own samples: the test split
-        self.aux = [b["x"] for b in aux] if "x" in self.victims else aux
+        self.warmup = inputs(batches(train.select(range(victims, len(train))),
+                                     WARMUP_BATCHES, 32))
+        # the attacker's own samples: the test split
+        self.aux = inputs(batches(test, aux_batches, 64))
         self.label_batches = batches(train, 10, 32)
 
 

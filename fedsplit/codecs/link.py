@@ -23,8 +23,8 @@ class Link:
 
     ``spec``: a codec spec (as ``codec.up``); ``seed``: the per-client, per-round seed both
     sides share; ``direction``: ``"up"`` (activations) or ``"down"`` (gradients). Messages
-    are numbered in sending order (``CodecContext.step``) unless the caller gives the step,
-    and the samples get ids in sending order (``delta`` keys its state on them).
+    are numbered in sending order (``CodecContext.step``) and the samples get ids in
+    sending order (``delta`` keys its state on them).
     """
 
     def __init__(self, spec: Any, seed: int, direction: str = "up") -> None:
@@ -34,14 +34,13 @@ class Link:
         self.messages = 0  # messages sent so far
         self.samples = 0  # samples sent so far
 
-    def __call__(self, x: torch.Tensor, side: Mapping[str, torch.Tensor] | None = None,
-                 step: int | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor,
+                 side: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """What the receiver decodes for ``x`` (B, ...) with ``side`` (the batch's
         ``attention_mask``, if any), on ``x``'s device."""
         mask = (side or {}).get("attention_mask")
         ids = torch.arange(self.samples, self.samples + len(x))
-        ctx = CodecContext(direction=self.direction,
-                           step=self.messages if step is None else step, seed=self.seed,
+        ctx = CodecContext(direction=self.direction, step=self.messages, seed=self.seed,
                            sample_ids=ids, attention_mask=None if mask is None else mask.cpu())
         data = self.tx.encode(x.detach().cpu(), ctx)  # a CPU copy: the same bytes anywhere
         self.samples += len(x)
