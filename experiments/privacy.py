@@ -66,18 +66,23 @@ NOISE = {"dp-n0.1": 0.1, "dp-n0.5": 0.5, "dp-n1": 1.0}  # noise multipliers of t
 # chains start with drop-padding). ~100x: on text the klt-ec setting of the codec table
 # (experiments/codecs.py `dp-kltec136-rs20`: 104x of the cut bytes, -0.9 points); on
 # ResNet-20 klt-ec stops at ~46x (its per-position scales), so 70 % random dropout of the
-# values (the same positions both ways) and 1-bit Lloyd-Max codes: 106x both ways.
+# values (the same positions both ways) and 1-bit Lloyd-Max codes: 106x both ways; at
+# ResNet-20's deeper cut the 1-bit gradients diverge, so `-q8` sends 8-bit gradients (the
+# same dropout mask) back: ~100x up, ~53x down.
 TOPK = "{{name: topk-mask, k: {k}, bits: 2}}"
-DROP_1BIT = "{name: dropout, p: 0.7, rescale: true}, {name: lloyd, bits: 1}"
+DROP = "{name: dropout, p: 0.7, rescale: true}"
+DROP_1BIT = DROP + ", {name: lloyd, bits: 1}"
 CODECS = {"topk10-2bit": (TOPK.format(k=0.1), None), "topk2-2bit": (TOPK.format(k=0.02), None),
           "kltec136-rs20": ("{name: klt-ec, bits: 1.36}",
                             "{name: row-sampling, fraction: 0.2}, rotate, sign"),
-          "drop70-1bit": (DROP_1BIT, DROP_1BIT)}
-CODEC_KINDS = {"kltec136-rs20": "text", "drop70-1bit": "image"}  # the others: both
+          "drop70-1bit": (DROP_1BIT, DROP_1BIT),
+          "drop70-1bit-q8": (DROP_1BIT, DROP + ", {name: quantize, bits: 8}")}
+CODEC_KINDS = {"kltec136-rs20": "text", "drop70-1bit": "image",
+               "drop70-1bit-q8": "image"}  # the others: both
 # Rows evaluated as split inference through codec.up: rescaled dropout + 1-bit codes give
 # the server inputs of other statistics than the clean activations (its BatchNorm learns
 # those), so the deployed model sends its test activations through the codec too.
-THROUGH_CODEC = {"drop70-1bit"}
+THROUGH_CODEC = {"drop70-1bit", "drop70-1bit-q8"}
 NOPEEK = {"nopeek-0.5": 0.5, "nopeek-2": 2.0}  # distance-correlation weights
 LABEL_DP = {"labeldp-e2": 2.0, "labeldp-e0.5": 0.5}  # randomized-response epsilons
 # DP-SGD on the client segment (per-sample gradients clipped to --sgd-clip): noise
@@ -87,7 +92,8 @@ LABEL_DP = {"labeldp-e2": 2.0, "labeldp-e0.5": 0.5}  # randomized-response epsil
 # `-fwe` rows (text): the word embeddings frozen (pre-trained, never sent), so per-sample
 # gradients skip the (vocabulary x hidden) table.
 DPSGD = {"dpsgd-n0.7": 0.7, "dpsgd-n1": 1.0, "dpsgd-n1-dp-n1": 1.0,
-         "dpsgd-n0.7-cgn": 0.7, "dpsgd-n1-cgn": 1.0, "dpsgd-n1-fwe": 1.0}
+         "dpsgd-n0.7-cgn": 0.7, "dpsgd-n1-cgn": 1.0, "dpsgd-n1-fwe": 1.0,
+         "dpsgd-n2-fwe": 2.0}
 FROZEN_WORDS = ["train.trainable=[layer.*, head, '*.position_embeddings.*', "
                 "'*.token_type_embeddings.*', '*.embeddings.LayerNorm.*']"]
 # Image rows with DP-SGD use GroupNorm (BatchNorm mixes samples); `none-gn` / `none-cgn`
