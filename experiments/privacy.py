@@ -68,7 +68,7 @@ NOISE = {"dp-n0.1": 0.1, "dp-n0.5": 0.5, "dp-n1": 1.0}  # noise multipliers of t
 # ResNet-20 klt-ec stops at ~46x (its per-position scales), so 70 % random dropout of the
 # values (the same positions both ways) and 1-bit Lloyd-Max codes: 106x both ways; at
 # ResNet-20's deeper cut the 1-bit gradients diverge, so `-q8` sends 8-bit gradients (the
-# same dropout mask) back: ~100x up, ~53x down.
+# same dropout mask) back: ~100x up, ~13x down.
 TOPK = "{{name: topk-mask, k: {k}, bits: 2}}"
 DROP = "{name: dropout, p: 0.7, rescale: true}"
 DROP_1BIT = DROP + ", {name: lloyd, bits: 1}"
