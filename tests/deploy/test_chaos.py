@@ -175,6 +175,12 @@ def test_supernode_killed_mid_round_run_completes(tmp_path, make_federation):
             waited = _kill_mid_round(fed, run_dir, running)
             running.join(timeout=RUN_TIMEOUT + 60)
             status = dep.node_status()
+            # The survivors stay connected. A single snapshot can catch a survivor whose
+            # heartbeat came late on a loaded 2-core machine (CI saw one such "not online"
+            # after a run in which both survivors replied every round); a survivor that
+            # died or lost the SuperLink would not come back, and `wait_online` fails on
+            # a dead SuperNode process at once.
+            dep.wait_online([n for n in NODES if n != VICTIM], timeout=OFFLINE_AFTER + 30)
         finally:
             if running.is_alive():
                 dep.stop()  # ends `flwr run` too, so the thread returns
@@ -197,8 +203,7 @@ def test_supernode_killed_mid_round_run_completes(tmp_path, make_federation):
     assert [r["round"] for r in res.rows] == list(range(1, ROUNDS + 1)), log
     assert all(r["accuracy"] is not None for r in res.rows)
     assert res.rows[-1]["accuracy"] > 0.2  # chance is 0.1
-    assert status[ids[VICTIM]] == "offline"
-    assert all(status[ids[n]] == "online" for n in NODES if n != VICTIM)
+    assert status[ids[VICTIM]] == "offline", status
 
     per_node = fed.parts[0].examples
     assert all(p.examples == per_node for p in fed.parts)  # digits: equal iid shares
