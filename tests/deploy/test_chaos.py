@@ -175,11 +175,11 @@ def test_supernode_killed_mid_round_run_completes(tmp_path, make_federation):
             waited = _kill_mid_round(fed, run_dir, running)
             running.join(timeout=RUN_TIMEOUT + 60)
             status = dep.node_status()
-            # The survivors stay connected. A single snapshot can catch a survivor whose
-            # heartbeat came late on a loaded 2-core machine (CI saw one such "not online"
-            # after a run in which both survivors replied every round); a survivor that
-            # died or lost the SuperLink would not come back, and `wait_online` fails on
-            # a dead SuperNode process at once.
+            # The survivors stay connected. CI once saw a survivor not `online` in one
+            # snapshot right after a run in which both survivors replied every round (most
+            # likely a late heartbeat on the loaded 2-core machine), so they get the
+            # offline window to show online; a survivor that died or lost the SuperLink
+            # would not come back, and `wait_online` fails at once on a dead SuperNode.
             dep.wait_online([n for n in NODES if n != VICTIM], timeout=OFFLINE_AFTER + 30)
         finally:
             if running.is_alive():
